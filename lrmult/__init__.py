@@ -1,0 +1,37 @@
+"""lrmult: MXNet Gluon's per-parameter lr_mult, wd_mult and frozen for JAX, on optax."""
+
+from lrmult.lookup import ExplainRow, FrozenLeaf
+from lrmult.optimizers import adagrad, adam, adamw, lamb, lion, nag, rmsprop, sgd
+from lrmult.paramdict import ParamDict
+from lrmult.parameter import Parameter
+from lrmult.trainer import Trainer
+from lrmult.transforms import (
+    add_decayed_weights,
+    explain,
+    per_leaf,
+    refresh,
+    scale_by_lr_mult,
+    trainable_only,
+)
+
+__all__ = [
+    "ExplainRow",
+    "FrozenLeaf",
+    "ParamDict",
+    "Parameter",
+    "Trainer",
+    "adagrad",
+    "adam",
+    "adamw",
+    "add_decayed_weights",
+    "explain",
+    "lamb",
+    "lion",
+    "nag",
+    "per_leaf",
+    "refresh",
+    "rmsprop",
+    "scale_by_lr_mult",
+    "sgd",
+    "trainable_only",
+]

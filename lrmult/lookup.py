@@ -1,0 +1,237 @@
+"""The lookup chain: MXNet's `Optimizer._get_lr` (param_dict -> index -> idx2name -> default), made safe.
+
+For each leaf of a tree and each attribute (`lr_mult`, `wd_mult`, `frozen`), exactly one link
+applies, in this order:
+
+1. `param`: the ParamDict holds a Parameter of that name on which the attribute was set;
+2. `index`: the leaf's index is a key of the override dict;
+3. `name`: the leaf's name is a key of the override dict;
+4. `default`: 1.0 (`frozen`: False).
+
+Overrides that name nothing are `KeyError`s; overrides a set Parameter shadows are `ValueError`s.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+
+from lrmult._names import path_name, suggest
+from lrmult.parameter import check_multiplier
+
+SOURCES = ("param", "index", "name", "default")
+
+
+class FrozenLeaf:
+    """Stands where a frozen leaf was: a pytree node with no children, so it holds no state."""
+
+    __slots__ = ()
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, FrozenLeaf)
+
+    def __hash__(self) -> int:
+        return hash(FrozenLeaf)
+
+    def __repr__(self) -> str:
+        return "FrozenLeaf()"
+
+
+jax.tree_util.register_pytree_node(FrozenLeaf, lambda _: ((), None), lambda _, __: FrozenLeaf())
+
+
+def is_frozen_leaf(x: Any) -> bool:
+    return isinstance(x, FrozenLeaf)
+
+
+class Leaf(NamedTuple):
+    """Where a leaf stands for the lookup chain."""
+
+    index: int
+    name: str
+    shape: tuple[int, ...]
+
+
+def leaves_of(tree: Any, param_dict: Mapping[str, Any] | None, idx2name: Mapping[int, str] | None):
+    """The `Leaf` of every array leaf (and every `FrozenLeaf`) of `tree`, in flatten order.
+
+    The index of a leaf is its position in `param_dict` when its path name is found there (a
+    ParamDict's order is the one users count in), else its position in `tree`; its name is
+    `idx2name[index]` if given, else its path name.
+    """
+    flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_frozen_leaf)[0]
+    out = []
+    for position, (path, leaf) in enumerate(flat):
+        pname = path_name(path)
+        if idx2name:
+            index = position
+            name = idx2name.get(index, pname)
+        elif param_dict is not None and pname in param_dict:
+            index = _index_in(param_dict, pname)
+            name = pname
+        else:
+            index, name = position, pname
+        shape = () if is_frozen_leaf(leaf) else tuple(np.shape(leaf))
+        out.append(Leaf(index, name, shape))
+    return out
+
+
+def _index_in(param_dict: Mapping[str, Any], name: str) -> int:
+    index = getattr(param_dict, "index", None)
+    if index is not None:
+        return index(name)
+    return list(param_dict).index(name)
+
+
+def check_idx2name(idx2name: Any) -> dict[int, str] | None:
+    if idx2name is None:
+        return None
+    if not isinstance(idx2name, Mapping):
+        raise TypeError(f"idx2name must be a mapping index -> name, got {type(idx2name).__name__}")
+    for k, v in idx2name.items():
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not isinstance(v, str):
+            raise TypeError(f"idx2name must map int -> str, got {k!r}: {v!r}")
+    return {int(k): v for k, v in idx2name.items()}
+
+
+def normalize_overrides(attr: str, overrides: Any) -> dict[int | str, float]:
+    """Validate an override dict's shape and values (not yet its keys): int/str -> float >= 0."""
+    if overrides is None:
+        return {}
+    if not isinstance(overrides, Mapping):
+        raise TypeError(
+            f"{attr} overrides must be a mapping from parameter index or name to a multiplier, "
+            f"got {type(overrides).__name__}"
+        )
+    out: dict[int | str, float] = {}
+    for key, value in overrides.items():
+        if isinstance(key, bool) or not isinstance(key, (int, np.integer, str)):
+            raise KeyError(f"{attr} override key {key!r}: keys are parameter indices or names")
+        key = key if isinstance(key, str) else int(key)
+        out[key] = check_multiplier(attr, value, f"{attr} override {key!r}")
+    return out
+
+
+def _param(param_dict: Mapping[str, Any] | None, name: str) -> Any:
+    if param_dict is None:
+        return None
+    return param_dict.get(name) if hasattr(param_dict, "get") else None
+
+
+def check_override_keys(
+    attr: str,
+    overrides: Mapping[int | str, float],
+    leaves: list[Leaf],
+    param_dict: Mapping[str, Any] | None,
+) -> None:
+    """Every key must name a leaf, and no leaf it names may have `attr` set on its Parameter.
+
+    Raises:
+      KeyError: a key names no parameter (with the closest names suggested).
+      ValueError: a key's leaf has `attr` set on its Parameter, so the override could never act.
+    """
+    by_index = {leaf.index: leaf for leaf in leaves}
+    by_name = {leaf.name: leaf for leaf in leaves}
+    for key in overrides:
+        if isinstance(key, int):
+            leaf = by_index.get(key)
+            if leaf is None:
+                top = max(by_index) if by_index else -1
+                raise KeyError(
+                    f"{attr} override: index {key} names no parameter (indices run 0..{top})"
+                )
+        else:
+            leaf = by_name.get(key)
+            if leaf is None:
+                raise KeyError(
+                    f"{attr} override: {key!r} names no parameter{suggest(key, by_name)}"
+                )
+        param = _param(param_dict, leaf.name)
+        if param is not None and param.is_set(attr):
+            raise ValueError(
+                f"{attr} override {key!r} for parameter {leaf.name!r} could never act: that "
+                f"Parameter has {attr}={getattr(param, attr)!r} set, which comes first in the "
+                f"lookup chain; unset it (del param.{attr}) or set the value on the Parameter"
+            )
+
+
+def shadowed(
+    attr: str,
+    overrides: Mapping[int | str, float],
+    leaves: list[Leaf],
+    param_dict: Mapping[str, Any] | None,
+) -> list[tuple[int | str, str]]:
+    """`(key, leaf name)` of overrides whose Parameter has since had `attr` set."""
+    if not overrides or param_dict is None:
+        return []
+    out = []
+    for leaf in leaves:
+        param = _param(param_dict, leaf.name)
+        if param is None or not param.is_set(attr):
+            continue
+        for key in (leaf.index, leaf.name):
+            if key in overrides:
+                out.append((key, leaf.name))
+    return out
+
+
+def resolve(
+    attr: str,
+    leaves: list[Leaf],
+    param_dict: Mapping[str, Any] | None,
+    overrides: Mapping[int | str, float] | None = None,
+) -> list[tuple[Any, str]]:
+    """`(value, source)` of `attr` for every leaf, through the chain."""
+    overrides = overrides or {}
+    default = False if attr == "frozen" else 1.0
+    out = []
+    for leaf in leaves:
+        param = _param(param_dict, leaf.name)
+        if param is not None and param.is_set(attr):
+            out.append((getattr(param, attr), "param"))
+        elif attr != "frozen" and leaf.index in overrides:
+            out.append((overrides[leaf.index], "index"))
+        elif attr != "frozen" and leaf.name in overrides:
+            out.append((overrides[leaf.name], "name"))
+        else:
+            out.append((default, "default"))
+    return out
+
+
+class ExplainRow(NamedTuple):
+    """One row of `explain()`: what each leaf gets, and which link of the chain set it."""
+
+    index: int
+    name: str
+    shape: tuple[int, ...]
+    lr_mult: float
+    wd_mult: float
+    frozen: bool
+    lr: float
+    lr_source: str
+    wd_source: str
+    frozen_source: str
+
+
+def explain_rows(
+    leaves: list[Leaf],
+    param_dict: Mapping[str, Any] | None,
+    lr_overrides: Mapping[int | str, float] | None,
+    wd_overrides: Mapping[int | str, float] | None,
+    base_lr: float,
+) -> list[ExplainRow]:
+    """Rows in index order; `lr` is the effective learning rate `base_lr * lr_mult` (0 if frozen)."""
+    lrs = resolve("lr_mult", leaves, param_dict, lr_overrides)
+    wds = resolve("wd_mult", leaves, param_dict, wd_overrides)
+    fzs = resolve("frozen", leaves, param_dict)
+    rows = []
+    for leaf, (m, ms), (d, ds), (fz, fs) in zip(leaves, lrs, wds, fzs, strict=True):
+        shape = leaf.shape
+        if param_dict is not None and leaf.name in param_dict:
+            shape = tuple(param_dict[leaf.name].shape)
+        lr = 0.0 if fz else base_lr * m
+        rows.append(ExplainRow(leaf.index, leaf.name, shape, m, d, fz, lr, ms, ds, fs))
+    return sorted(rows, key=lambda r: r.index)

@@ -1,0 +1,264 @@
+"""Ready chains: optax's optimizers with the multipliers placed as SPEC §3 says.
+
+Each is a composition of optax primitives, read the way `optax/_src/alias.py` reads, with two more
+links: `add_decayed_weights` (per-leaf `wd_mult`) where the optimizer applies weight decay, and
+`scale_by_lr_mult` just before the learning rate, so `lr_mult` scales the final step and never the
+gradient seen by an adaptive preconditioner. Transformations that keep a step count run under
+`per_leaf`, and with a `param_dict` the whole chain runs under `trainable_only`: frozen leaves hold
+no state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import optax
+
+from lrmult.transforms import add_decayed_weights, per_leaf, scale_by_lr_mult, trainable_only
+
+ScalarOrSchedule = float | Callable[[Any], Any] | Any
+Overrides = Mapping[int | str, float] | None
+
+
+def _ready(
+    param_dict: Any,
+    idx2name: Any,
+    *links: optax.GradientTransformation | None,
+) -> optax.GradientTransformation:
+    tx = optax.chain(*(link for link in links if link is not None))
+    return tx if param_dict is None else trainable_only(tx, param_dict)
+
+
+def _decay(weight_decay, param_dict, wd_mult, idx2name):
+    """The weight-decay link, left out when the rate is a literal 0 (it would read every param)."""
+    if isinstance(weight_decay, (int, float)) and not isinstance(weight_decay, bool):
+        if weight_decay == 0 and not wd_mult:
+            return None
+    return add_decayed_weights(weight_decay, param_dict, wd_mult=wd_mult, idx2name=idx2name)
+
+
+def sgd(
+    learning_rate: ScalarOrSchedule,
+    momentum: float | None = None,
+    nesterov: bool = False,
+    weight_decay: float = 0.0,
+    *,
+    param_dict: Any = None,
+    lr_mult: Overrides = None,
+    wd_mult: Overrides = None,
+    idx2name: Mapping[int, str] | None = None,
+) -> optax.GradientTransformation:
+    """SGD with momentum and coupled weight decay, per leaf: `u = trace(g + λ·d·w)`, `w -= η·m·u`.
+
+    Equals PyTorch's `SGD` with one param group per leaf (`lr = η·m`, `weight_decay = λ·d`,
+    dampening 0).
+
+    Args:
+      learning_rate: η, a float or an optax schedule.
+      momentum: the trace decay, or None for plain SGD.
+      nesterov: Nesterov momentum.
+      weight_decay: λ, coupled L2 added to the gradient.
+      param_dict: a ParamDict: its Parameters' `lr_mult` / `wd_mult` / `frozen` come first.
+      lr_mult: override dict (parameter index or name -> multiplier), links 2-3 of the chain.
+      wd_mult: override dict for weight decay.
+      idx2name: index -> name, when the tree's path names are not the parameter names.
+    """
+    return _ready(
+        param_dict,
+        idx2name,
+        _decay(weight_decay, param_dict, wd_mult, idx2name),
+        optax.trace(decay=momentum, nesterov=nesterov) if momentum else None,
+        scale_by_lr_mult(param_dict, lr_mult=lr_mult, idx2name=idx2name),
+        optax.scale_by_learning_rate(learning_rate),
+    )
+
+
+def nag(
+    learning_rate: ScalarOrSchedule,
+    momentum: float = 0.9,
+    weight_decay: float = 0.0,
+    *,
+    param_dict: Any = None,
+    lr_mult: Overrides = None,
+    wd_mult: Overrides = None,
+    idx2name: Mapping[int, str] | None = None,
+) -> optax.GradientTransformation:
+    """Nesterov accelerated SGD (MXNet's `nag`): `sgd(..., nesterov=True)`."""
+    return sgd(
+        learning_rate,
+        momentum,
+        True,
+        weight_decay,
+        param_dict=param_dict,
+        lr_mult=lr_mult,
+        wd_mult=wd_mult,
+        idx2name=idx2name,
+    )
+
+
+def adam(
+    learning_rate: ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    eps_root: float = 0.0,
+    weight_decay: float = 0.0,
+    *,
+    param_dict: Any = None,
+    lr_mult: Overrides = None,
+    wd_mult: Overrides = None,
+    idx2name: Mapping[int, str] | None = None,
+) -> optax.GradientTransformation:
+    """Adam with coupled L2 (PyTorch's `Adam`): `g' = g + λ·d·w`, `w -= η·m·adam(g')`.
+
+    Each leaf keeps its own step count, so bias correction restarts for a leaf that is unfrozen.
+    """
+    return _ready(
+        param_dict,
+        idx2name,
+        _decay(weight_decay, param_dict, wd_mult, idx2name),
+        per_leaf(optax.scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root)),
+        scale_by_lr_mult(param_dict, lr_mult=lr_mult, idx2name=idx2name),
+        optax.scale_by_learning_rate(learning_rate),
+    )
+
+
+def adamw(
+    learning_rate: ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    eps_root: float = 0.0,
+    weight_decay: float = 1e-4,
+    *,
+    param_dict: Any = None,
+    lr_mult: Overrides = None,
+    wd_mult: Overrides = None,
+    idx2name: Mapping[int, str] | None = None,
+) -> optax.GradientTransformation:
+    """AdamW, decoupled (PyTorch's `AdamW`, `optax.adamw`): `w -= η·m·(adam(g) + λ·d·w)`."""
+    return _ready(
+        param_dict,
+        idx2name,
+        per_leaf(optax.scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root)),
+        _decay(weight_decay, param_dict, wd_mult, idx2name),
+        scale_by_lr_mult(param_dict, lr_mult=lr_mult, idx2name=idx2name),
+        optax.scale_by_learning_rate(learning_rate),
+    )
+
+
+def rmsprop(
+    learning_rate: ScalarOrSchedule,
+    decay: float = 0.9,
+    eps: float = 1e-8,
+    initial_scale: float = 0.0,
+    eps_in_sqrt: bool = True,
+    centered: bool = False,
+    momentum: float | None = None,
+    nesterov: bool = False,
+    bias_correction: bool = False,
+    weight_decay: float = 0.0,
+    *,
+    param_dict: Any = None,
+    lr_mult: Overrides = None,
+    wd_mult: Overrides = None,
+    idx2name: Mapping[int, str] | None = None,
+) -> optax.GradientTransformation:
+    """RMSProp (optax's arguments) with coupled weight decay: `w -= η·m·trace(rms(g + λ·d·w))`."""
+    kw = dict(decay=decay, eps=eps, initial_scale=initial_scale, eps_in_sqrt=eps_in_sqrt)
+    scaler = (
+        optax.scale_by_stddev(**kw, bias_correction=bias_correction)
+        if centered
+        else optax.scale_by_rms(**kw, bias_correction=bias_correction)
+    )
+    return _ready(
+        param_dict,
+        idx2name,
+        _decay(weight_decay, param_dict, wd_mult, idx2name),
+        per_leaf(scaler) if bias_correction else scaler,
+        optax.trace(decay=momentum, nesterov=nesterov) if momentum else None,
+        scale_by_lr_mult(param_dict, lr_mult=lr_mult, idx2name=idx2name),
+        optax.scale_by_learning_rate(learning_rate),
+    )
+
+
+def adagrad(
+    learning_rate: ScalarOrSchedule,
+    initial_accumulator_value: float = 0.1,
+    eps: float = 1e-7,
+    weight_decay: float = 0.0,
+    *,
+    param_dict: Any = None,
+    lr_mult: Overrides = None,
+    wd_mult: Overrides = None,
+    idx2name: Mapping[int, str] | None = None,
+) -> optax.GradientTransformation:
+    """Adagrad (optax's) with coupled weight decay: `w -= η·m·rss(g + λ·d·w)`."""
+    return _ready(
+        param_dict,
+        idx2name,
+        _decay(weight_decay, param_dict, wd_mult, idx2name),
+        optax.scale_by_rss(initial_accumulator_value=initial_accumulator_value, eps=eps),
+        scale_by_lr_mult(param_dict, lr_mult=lr_mult, idx2name=idx2name),
+        optax.scale_by_learning_rate(learning_rate),
+    )
+
+
+def lamb(
+    learning_rate: ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-6,
+    eps_root: float = 0.0,
+    weight_decay: float = 0.0,
+    *,
+    param_dict: Any = None,
+    lr_mult: Overrides = None,
+    wd_mult: Overrides = None,
+    idx2name: Mapping[int, str] | None = None,
+) -> optax.GradientTransformation:
+    """LAMB (optax's): `w -= η·m·trust_ratio(adam(g) + λ·d·w)`."""
+    return _ready(
+        param_dict,
+        idx2name,
+        per_leaf(optax.scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root)),
+        _decay(weight_decay, param_dict, wd_mult, idx2name),
+        optax.scale_by_trust_ratio(),
+        scale_by_lr_mult(param_dict, lr_mult=lr_mult, idx2name=idx2name),
+        optax.scale_by_learning_rate(learning_rate),
+    )
+
+
+def lion(
+    learning_rate: ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.99,
+    weight_decay: float = 1e-3,
+    *,
+    param_dict: Any = None,
+    lr_mult: Overrides = None,
+    wd_mult: Overrides = None,
+    idx2name: Mapping[int, str] | None = None,
+) -> optax.GradientTransformation:
+    """Lion (optax's), decoupled decay: `w -= η·m·(sign(...) + λ·d·w)`."""
+    return _ready(
+        param_dict,
+        idx2name,
+        optax.scale_by_lion(b1=b1, b2=b2),
+        _decay(weight_decay, param_dict, wd_mult, idx2name),
+        scale_by_lr_mult(param_dict, lr_mult=lr_mult, idx2name=idx2name),
+        optax.scale_by_learning_rate(learning_rate),
+    )
+
+
+OPTIMIZERS: dict[str, Callable[..., optax.GradientTransformation]] = {
+    "sgd": sgd,
+    "nag": nag,
+    "adam": adam,
+    "adamw": adamw,
+    "rmsprop": rmsprop,
+    "adagrad": adagrad,
+    "lamb": lamb,
+    "lion": lion,
+}

@@ -1,0 +1,272 @@
+"""`ParamDict`: an ordered mapping name -> Parameter, Gluon's `ParameterDict` for pytrees."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Mapping
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+
+from lrmult import parameter as _parameter
+from lrmult._names import nest, path_name, suggest
+from lrmult.display import Table
+from lrmult.parameter import Parameter
+
+
+class ParamRow(NamedTuple):
+    index: int
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    lr_mult: str
+    wd_mult: str
+    frozen: str
+
+
+def _is_array(x: Any) -> bool:
+    return isinstance(x, (jax.Array, np.ndarray, np.generic))
+
+
+class ParamDict(Mapping[str, Parameter]):
+    """An ordered mapping name -> `Parameter`; the index of a parameter is its position.
+
+    Build one from a pytree with `ParamDict.from_pytree`, or from a mapping name -> Parameter.
+    `select` returns dicts that *share* the Parameter objects, so
+    `params.select('.*bias').setattr('wd_mult', 0.0)` changes the parameters of `params`.
+
+    Args:
+      params: a mapping name -> Parameter (or another ParamDict), or None for an empty dict.
+    """
+
+    def __init__(self, params: Mapping[str, Parameter] | None = None) -> None:
+        self._params: dict[str, Parameter] = {}
+        self._index: dict[str, int] = {}
+        # (treedef, names in leaf order) of the tree this dict was built from, if any.
+        self._structure: tuple[Any, list[str]] | None = None
+        if params is not None:
+            self.update(params)
+
+    # -- construction --------------------------------------------------------------------------
+    @classmethod
+    def from_pytree(cls, tree: Any, *, prefix: str = "") -> ParamDict:
+        """One Parameter per array leaf, named by its key path joined with `/`.
+
+        Args:
+          tree: a pytree of arrays (nested dicts, lists, flax `params`, ...).
+          prefix: prepended to every name as is (`prefix="trunk/"` gives `trunk/conv/kernel`).
+
+        Returns:
+          A ParamDict in JAX's flatten order, whose `tree()` has the structure of `tree`.
+
+        Example:
+          >>> params = ParamDict.from_pytree({"dense": {"kernel": w, "bias": b}})
+          >>> list(params)
+          ['dense/bias', 'dense/kernel']
+        """
+        if not isinstance(prefix, str):
+            raise TypeError(f"from_pytree: prefix must be a str, got {type(prefix).__name__}")
+        leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
+        if not leaves:
+            raise ValueError("from_pytree: the tree has no array leaves")
+        names = []
+        for path, leaf in leaves:
+            name = prefix + path_name(path)
+            if not _is_array(leaf):
+                raise TypeError(
+                    f"from_pytree: leaf {name!r} is a {type(leaf).__name__}, not an array"
+                )
+            if not name:
+                raise ValueError(
+                    "from_pytree: a bare array has no path; give it a name with prefix="
+                )
+            names.append(name)
+        seen: set[str] = set()
+        for name in names:
+            if name in seen:
+                raise ValueError(f"from_pytree: two leaves are both named {name!r}")
+            seen.add(name)
+        out = cls()
+        for name, (_, leaf) in zip(names, leaves, strict=True):
+            out._add(name, Parameter(leaf, name=name))
+        out._structure = (treedef, names)
+        return out
+
+    def _add(self, name: str, param: Parameter) -> None:
+        self._index[name] = len(self._params)
+        self._params[name] = param
+
+    # -- mapping -------------------------------------------------------------------------------
+    def __getitem__(self, name: str) -> Parameter:
+        try:
+            return self._params[name]
+        except KeyError:
+            raise KeyError(f"no parameter named {name!r}{suggest(name, self._params)}") from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._params)
+
+    def __len__(self) -> int:
+        return len(self._params)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._params
+
+    def index(self, name: str) -> int:
+        """The position of `name` in this dict (its index for the lookup chain)."""
+        if name not in self._index:
+            raise KeyError(f"no parameter named {name!r}{suggest(name, self._params)}")
+        return self._index[name]
+
+    def copy(self) -> ParamDict:
+        """A new ParamDict sharing the same Parameters (and `tree()` structure)."""
+        out = ParamDict()
+        for name, param in self._params.items():
+            out._add(name, param)
+        out._structure = self._structure
+        return out
+
+    # -- Gluon's operations --------------------------------------------------------------------
+    def select(self, pattern: str | re.Pattern[str]) -> ParamDict:
+        """A new ParamDict sharing the Parameters whose names `re.match` `pattern`.
+
+        Raises:
+          ValueError: if the pattern is empty, not a valid regex, or matches no name.
+        """
+        if isinstance(pattern, re.Pattern):
+            regex = pattern
+        elif isinstance(pattern, str):
+            if not pattern:
+                raise ValueError("select: the pattern is empty; use '.*' to select every parameter")
+            try:
+                regex = re.compile(pattern)
+            except re.error as e:
+                raise ValueError(f"select: {pattern!r} is not a valid regular expression: {e}")
+        else:
+            raise TypeError(f"select: pattern must be a str, got {type(pattern).__name__}")
+        out = ParamDict()
+        for name, param in self._params.items():
+            if regex.match(name):
+                out._add(name, param)
+        if not out:
+            names = list(self._params)
+            shown = ", ".join(repr(n) for n in names[:8]) + (", ..." if len(names) > 8 else "")
+            raise ValueError(
+                f"select: pattern {regex.pattern!r} matches no parameter name "
+                f"(re.match anchors at the start: try '.*{regex.pattern}'); names are {shown}"
+            )
+        return out
+
+    def setattr(self, attr: str, value: Any) -> ParamDict:
+        """Set `attr` (`lr_mult`, `wd_mult`, `frozen` or `grad_req`) on every Parameter.
+
+        `None` unsets the attribute, so the optimizer's override dicts apply again. The value is
+        checked once before any Parameter changes. Returns this dict, for chaining.
+        """
+        if attr not in _parameter.ATTRIBUTES:
+            raise AttributeError(
+                f"setattr: unknown attribute {attr!r}{suggest(attr, _parameter.ATTRIBUTES)}; "
+                f"settable attributes are {', '.join(_parameter.ATTRIBUTES)}"
+            )
+        where = f"ParamDict.setattr({attr!r})"
+        if value is not None:
+            if attr == "grad_req":
+                value = _parameter.check_grad_req(value, where)
+                attr = "frozen"
+            elif attr == "frozen":
+                value = _parameter.check_frozen(value, where)
+            else:
+                value = _parameter.check_multiplier(attr, value, where)
+        elif attr == "grad_req":
+            raise ValueError("setattr: grad_req must be 'write' or 'null', got None")
+        slot = "_" + attr
+        for param in self._params.values():
+            setattr(param, slot, value)
+        _parameter._bump()
+        return self
+
+    def update(self, other: Mapping[str, Parameter]) -> None:
+        """Merge `other` into this dict by reference (Gluon's `ParameterDict.update`).
+
+        Raises:
+          ValueError: a name present in both dicts with different Parameter objects; nothing is
+            merged then.
+        """
+        if not isinstance(other, Mapping):
+            raise TypeError(
+                f"update: expected a ParamDict or a mapping, got {type(other).__name__}"
+            )
+        for name, param in other.items():
+            if not isinstance(name, str):
+                raise TypeError(f"update: parameter names must be str, got {name!r}")
+            if not isinstance(param, Parameter):
+                raise TypeError(
+                    f"update: {name!r} maps to a {type(param).__name__}, not a lrmult.Parameter"
+                )
+            if param.name is not None and param.name != name:
+                raise ValueError(
+                    f"update: the Parameter named {param.name!r} is stored under key {name!r}"
+                )
+            mine = self._params.get(name)
+            if mine is not None and mine is not param:
+                raise ValueError(
+                    f"update: {name!r} names a different Parameter in each dict; rename one "
+                    f"(from_pytree(..., prefix=...)) or share the same Parameter object"
+                )
+        added = False
+        for name, param in other.items():
+            if name not in self._params:
+                if param.name is None:
+                    param._name = name
+                self._add(name, param)
+                added = True
+        if added:
+            self._structure = None
+
+    # -- values ----------------------------------------------------------------------------------
+    def structure(self) -> tuple[Any, list[str]]:
+        """`(treedef, names in leaf order)` of `tree()`."""
+        if self._structure is None:
+            self._structure = nest(list(self._params))
+        return self._structure
+
+    def tree(self) -> Any:
+        """The current values, in the structure the dict was built from.
+
+        A dict built by `from_pytree` gives back that tree's structure; a merged or selected dict
+        nests by splitting names on `/`.
+        """
+        treedef, order = self.structure()
+        return jax.tree.unflatten(treedef, [self._params[n].data() for n in order])
+
+    def arrays(self) -> dict[str, jax.Array]:
+        """`{name: value}` in this dict's order."""
+        return {name: p.data() for name, p in self._params.items()}
+
+    # -- display -----------------------------------------------------------------------------------
+    def table(self) -> Table:
+        """The parameters as a table; `-` marks an attribute that is not set on the Parameter."""
+
+        def show(p: Parameter, attr: str) -> str:
+            return str(getattr(p, attr)) if p.is_set(attr) else "-"
+
+        rows = [
+            ParamRow(
+                i,
+                name,
+                p.shape,
+                str(p.dtype),
+                show(p, "lr_mult"),
+                show(p, "wd_mult"),
+                show(p, "frozen"),
+            )
+            for i, (name, p) in enumerate(self._params.items())
+        ]
+        return Table(rows, title=f"ParamDict ({len(rows)} parameters)")
+
+    def __repr__(self) -> str:
+        return str(self.table())
+
+    def _repr_html_(self) -> str:
+        return self.table()._repr_html_()

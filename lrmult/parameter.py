@@ -1,0 +1,231 @@
+"""`Parameter`: one named array with Gluon's per-parameter training metadata."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Bumped on every metadata change of any Parameter. A Trainer compares it with the value it saw at
+# its last step, so reading metadata "live at every step" costs one integer comparison when nothing
+# changed.
+_metadata_version = 0
+
+MULTIPLIERS = ("lr_mult", "wd_mult")
+ATTRIBUTES = ("lr_mult", "wd_mult", "frozen", "grad_req")
+_GRAD_REQS = {"null": True, "write": False}
+
+
+def metadata_version() -> int:
+    """The global metadata version (changes whenever any Parameter's metadata changes)."""
+    return _metadata_version
+
+
+def _bump() -> None:
+    global _metadata_version
+    _metadata_version += 1
+
+
+def _describe(name: str | None) -> str:
+    return f"parameter {name!r}" if name is not None else "parameter (unnamed)"
+
+
+def check_multiplier(attr: str, value: Any, name: str | None) -> float:
+    """Validate a multiplier value: a finite real number >= 0 (bools are refused)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        if isinstance(value, (jax.Array, np.ndarray)) and np.ndim(value) == 0:
+            value = float(value)
+        else:
+            raise ValueError(
+                f"{_describe(name)}: {attr} must be a finite number >= 0, "
+                f"got {value!r} of type {type(value).__name__}"
+            )
+    value = float(value)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{_describe(name)}: {attr} must be a finite number >= 0, got {value!r}")
+    return value
+
+
+def check_frozen(value: Any, name: str | None) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(
+            f"{_describe(name)}: frozen must be True or False, got {value!r} "
+            f"(use grad_req='null'/'write' for Gluon's spelling)"
+        )
+    return bool(value)
+
+
+def check_grad_req(value: Any, name: str | None) -> bool:
+    """Translate Gluon's grad_req into a frozen flag."""
+    if value not in _GRAD_REQS:
+        hint = " (gradient accumulation is not supported)" if value == "add" else ""
+        raise ValueError(
+            f"{_describe(name)}: grad_req must be 'write' or 'null', got {value!r}{hint}"
+        )
+    return _GRAD_REQS[value]
+
+
+def _as_array(value: Any, name: str | None) -> jax.Array:
+    if isinstance(value, jax.Array):
+        return value
+    if isinstance(value, (np.ndarray, np.generic, float, int)) and not isinstance(value, bool):
+        return jnp.asarray(value)
+    raise TypeError(
+        f"{_describe(name)}: value must be a jax.Array (or a NumPy array / Python number), "
+        f"got {type(value).__name__}"
+    )
+
+
+class Parameter:
+    """A named array with `lr_mult`, `wd_mult` and `frozen`, as in Gluon's `Parameter`.
+
+    Metadata is plain host-side state, read by the optimizer at every step. An attribute left as
+    `None` is *unset*: it reads as 1.0 / 1.0 / False, and lets the optimizer's override dicts
+    (`set_lr_mult`, `set_wd_mult`) act on this parameter.
+
+    Args:
+      value: the array (a `jax.Array`; NumPy arrays and Python numbers are converted).
+      name: the parameter's name; a `ParamDict` gives it its key when left `None`.
+      lr_mult: learning-rate multiplier, a finite float >= 0, or `None` (unset).
+      wd_mult: weight-decay multiplier, a finite float >= 0, or `None` (unset).
+      frozen: `True` excludes the parameter from training entirely (no gradient, no optimizer
+        state, no weight decay); `None` is unset.
+
+    Example:
+      >>> p = Parameter(jnp.zeros(3), name="bias", wd_mult=0.0)
+      >>> p.grad_req = "null"      # Gluon's spelling of p.frozen = True
+    """
+
+    __slots__ = ("_value", "_name", "_lr_mult", "_wd_mult", "_frozen", "_donatable")
+
+    def __init__(
+        self,
+        value: Any,
+        *,
+        name: str | None = None,
+        lr_mult: float | None = None,
+        wd_mult: float | None = None,
+        frozen: bool | None = None,
+    ) -> None:
+        if name is not None and not isinstance(name, str):
+            raise TypeError(f"Parameter name must be a str, got {type(name).__name__}")
+        # Validate everything before assigning anything.
+        value = _as_array(value, name)
+        lr = None if lr_mult is None else check_multiplier("lr_mult", lr_mult, name)
+        wd = None if wd_mult is None else check_multiplier("wd_mult", wd_mult, name)
+        fz = None if frozen is None else check_frozen(frozen, name)
+        self._name = name
+        self._value = value
+        self._lr_mult = lr
+        self._wd_mult = wd
+        self._frozen = fz
+        # Only arrays a Trainer produced may be donated to its jitted step; user arrays stay valid.
+        self._donatable = False
+
+    # -- value -------------------------------------------------------------------------------
+    @property
+    def name(self) -> str | None:
+        return self._name
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self._value.shape)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self._value.dtype
+
+    def data(self) -> jax.Array:
+        """The current value. It stays valid after later training steps."""
+        self._donatable = False
+        return self._value
+
+    def set_data(self, value: Any) -> None:
+        """Replace the value; the shape and dtype must stay the same."""
+        value = _as_array(value, self._name)
+        if tuple(value.shape) != self.shape:
+            raise ValueError(
+                f"{_describe(self._name)}: set_data expects shape {self.shape}, "
+                f"got {tuple(value.shape)}"
+            )
+        if value.dtype != self.dtype:
+            raise ValueError(
+                f"{_describe(self._name)}: set_data expects dtype {self.dtype}, got {value.dtype} "
+                f"(cast it first, e.g. value.astype({str(self.dtype)!r}))"
+            )
+        self._value = value
+        self._donatable = False
+
+    # -- metadata ----------------------------------------------------------------------------
+    @property
+    def lr_mult(self) -> float:
+        return 1.0 if self._lr_mult is None else self._lr_mult
+
+    @lr_mult.setter
+    def lr_mult(self, value: float | None) -> None:
+        self._lr_mult = None if value is None else check_multiplier("lr_mult", value, self._name)
+        _bump()
+
+    @lr_mult.deleter
+    def lr_mult(self) -> None:
+        self._lr_mult = None
+        _bump()
+
+    @property
+    def wd_mult(self) -> float:
+        return 1.0 if self._wd_mult is None else self._wd_mult
+
+    @wd_mult.setter
+    def wd_mult(self, value: float | None) -> None:
+        self._wd_mult = None if value is None else check_multiplier("wd_mult", value, self._name)
+        _bump()
+
+    @wd_mult.deleter
+    def wd_mult(self) -> None:
+        self._wd_mult = None
+        _bump()
+
+    @property
+    def frozen(self) -> bool:
+        return bool(self._frozen)
+
+    @frozen.setter
+    def frozen(self, value: bool | None) -> None:
+        self._frozen = None if value is None else check_frozen(value, self._name)
+        _bump()
+
+    @frozen.deleter
+    def frozen(self) -> None:
+        self._frozen = None
+        _bump()
+
+    @property
+    def grad_req(self) -> str:
+        """Gluon's alias of `frozen`: `'null'` is frozen, `'write'` is trainable."""
+        return "null" if self.frozen else "write"
+
+    @grad_req.setter
+    def grad_req(self, value: str) -> None:
+        self.frozen = check_grad_req(value, self._name)
+
+    def is_set(self, attr: str) -> bool:
+        """Whether `attr` (`lr_mult`, `wd_mult` or `frozen`) was set on this parameter."""
+        if attr == "grad_req":
+            attr = "frozen"
+        if attr not in ("lr_mult", "wd_mult", "frozen"):
+            raise AttributeError(f"{_describe(self._name)}: unknown attribute {attr!r}")
+        return getattr(self, "_" + attr) is not None
+
+    def _metadata(self) -> dict[str, Any]:
+        """The raw (possibly unset) metadata, for checkpoints."""
+        return {"lr_mult": self._lr_mult, "wd_mult": self._wd_mult, "frozen": self._frozen}
+
+    def __repr__(self) -> str:
+        parts = [f"name={self._name!r}", f"shape={self.shape}", f"dtype={self.dtype}"]
+        for attr in ("lr_mult", "wd_mult", "frozen"):
+            if self.is_set(attr):
+                parts.append(f"{attr}={getattr(self, attr)!r}")
+        return f"Parameter({', '.join(parts)})"

@@ -1,0 +1,470 @@
+"""`Trainer`: Gluon's `gluon.Trainer` over a ParamDict, with one jitted, donating step."""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from lrmult import lookup
+from lrmult import parameter as _parameter
+from lrmult._names import suggest
+from lrmult.display import Table
+from lrmult.lookup import FrozenLeaf, is_frozen_leaf
+from lrmult.optimizers import OPTIMIZERS
+from lrmult.paramdict import ParamDict
+from lrmult.parameter import Parameter
+from lrmult.transforms import _refresh, add_decayed_weights, scale_by_lr_mult, trainable_only
+
+# Gluon's optimizer_params keys -> the ready chains' argument names.
+_GLUON_KEYS = {"wd": "weight_decay", "beta1": "b1", "beta2": "b2", "epsilon": "eps"}
+_TRAINER_KEYS = ("learning_rate", "clip_gradient", "clip_global_norm")
+_DEFAULT_LR = {
+    "sgd": 0.01,
+    "nag": 0.01,
+    "adagrad": 0.01,
+    "adam": 0.001,
+    "adamw": 0.001,
+    "rmsprop": 0.001,
+    "lamb": 0.001,
+    "lion": 1e-4,
+}
+_MULT_ARGS = ("param_dict", "lr_mult", "wd_mult", "idx2name")
+
+
+def _as_param_dict(params: Any) -> ParamDict:
+    if isinstance(params, ParamDict):
+        out = params.copy()
+    elif isinstance(params, (list, tuple)):
+        if not params:
+            raise ValueError("Trainer: params is an empty list")
+        out = ParamDict()
+        for i, pd in enumerate(params):
+            if not isinstance(pd, Mapping):
+                raise TypeError(
+                    f"Trainer: params[{i}] is a {type(pd).__name__}; expected a ParamDict"
+                )
+            out.update(pd)
+    elif isinstance(params, Mapping):
+        out = ParamDict(params)
+    else:
+        raise TypeError(
+            "Trainer: params must be a ParamDict, a list of ParamDicts or a dict name -> "
+            f"Parameter, got {type(params).__name__}"
+        )
+    if not out:
+        raise ValueError("Trainer: params holds no parameter")
+    seen: dict[int, str] = {}
+    for name, p in out.items():
+        if id(p) in seen:
+            raise ValueError(
+                f"Trainer: the same Parameter is stored under {seen[id(p)]!r} and {name!r}; "
+                f"a parameter can be trained under one name only"
+            )
+        seen[id(p)] = name
+    return out
+
+
+def _check_lr(value: Any, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{where}: learning rate must be a number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{where}: learning rate must be a finite number >= 0, got {value!r}")
+    return value
+
+
+def _check_clip(key: str, value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"Trainer: optimizer_params[{key!r}] must be a number > 0, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"Trainer: optimizer_params[{key!r}] must be finite, got {value!r}")
+    return float(value)
+
+
+class Trainer:
+    """Applies an optimizer to a set of Parameters, as Gluon's `Trainer` does.
+
+    Multipliers (`lr_mult`, `wd_mult`) and `frozen` are read from the Parameters at every step
+    through the lookup chain (Parameter -> `set_lr_mult` by index -> by name -> 1.0). Changing a
+    multiplier, an override or the learning rate never recompiles; changing the frozen set
+    compiles once per distinct set. Frozen parameters get no gradient, no state, no decay.
+
+    Args:
+      params: a ParamDict, a list/tuple of ParamDicts (merged), or a dict name -> Parameter.
+      optimizer: a name (`sgd`, `nag`, `adam`, `adamw`, `rmsprop`, `adagrad`, `lamb`, `lion`)
+        or an `optax.GradientTransformation` (the update direction; `lr_mult` scales its output
+        and `learning_rate`, when given, is applied after it).
+      optimizer_params: Gluon's keys `learning_rate` (float or optax schedule), `wd`,
+        `momentum`, `beta1`, `beta2`, `epsilon`, `clip_gradient` (element-wise) and
+        `clip_global_norm`, or any argument of the ready chain (`nesterov`, `centered`, ...).
+
+    Example:
+      >>> params = ParamDict.from_pytree(model_params)
+      >>> params.select(".*bias").setattr("wd_mult", 0.0)
+      >>> trainer = Trainer(params, "sgd", {"learning_rate": 0.1, "momentum": 0.9, "wd": 1e-4})
+      >>> loss = trainer.train_step(loss_fn, x, y)
+    """
+
+    def __init__(
+        self,
+        params: ParamDict | Sequence[ParamDict] | Mapping[str, Parameter],
+        optimizer: str | optax.GradientTransformation = "sgd",
+        optimizer_params: Mapping[str, Any] | None = None,
+    ) -> None:
+        self._params = _as_param_dict(params)
+        if optimizer_params is None:
+            optimizer_params = {}
+        if not isinstance(optimizer_params, Mapping):
+            raise TypeError(
+                f"Trainer: optimizer_params must be a dict, got {type(optimizer_params).__name__}"
+            )
+        opts = dict(optimizer_params)
+        self._names = list(self._params)
+        self._treedef, self._order = self._params.structure()
+        template = {n: FrozenLeaf() for n in self._names}
+        self._leaves = lookup.leaves_of(template, self._params, None)
+        self._lr_overrides: dict[int | str, float] = {}
+        self._wd_overrides: dict[int | str, float] = {}
+
+        clip = _check_clip("clip_gradient", opts.pop("clip_gradient", None))
+        clip_norm = _check_clip("clip_global_norm", opts.pop("clip_global_norm", None))
+        direction = self._direction(optimizer, opts)
+        lr = self._lr
+        self._schedule = callable(lr)
+        prefix = [
+            optax.clip(clip) if clip is not None else None,
+            optax.clip_by_global_norm(clip_norm) if clip_norm is not None else None,
+        ]
+        prefix = [t for t in prefix if t is not None]
+
+        def make(learning_rate):
+            return optax.chain(*prefix, direction(learning_rate))
+
+        if lr is None:
+            self._tx = make(None)
+        else:
+            self._tx = optax.inject_hyperparams(make, hyperparam_dtype=jnp.float32)(
+                learning_rate=lr
+            )
+        self._check_trainable_dtypes()
+        self._opt_state = self._tx.init({n: self._params[n]._value for n in self._names})
+        self._seen_version = _parameter.metadata_version()
+        self._dirty = False
+        self._warned: set[Any] = set()
+        self._train_fns: dict[Any, Callable] = {}
+        self._apply_fn = jax.jit(self._apply, donate_argnums=(0, 1))
+
+    def _direction(self, optimizer: Any, opts: dict[str, Any]) -> Callable[[Any], Any]:
+        """Validate `optimizer` / `optimizer_params`; return learning_rate -> transformation."""
+        pd = self._params
+        overrides = {"lr_mult": self._lr_overrides, "wd_mult": self._wd_overrides}
+        if isinstance(optimizer, str):
+            key = optimizer.lower()
+            if key not in OPTIMIZERS:
+                raise ValueError(
+                    f"Trainer: unknown optimizer {optimizer!r}{suggest(key, OPTIMIZERS)}; "
+                    f"known: {', '.join(OPTIMIZERS)} (or pass an optax.GradientTransformation)"
+                )
+            factory = OPTIMIZERS[key]
+            accepted = [p for p in inspect.signature(factory).parameters if p not in _MULT_ARGS]
+            kwargs = {}
+            for k, v in opts.items():
+                arg = _GLUON_KEYS.get(k, k)
+                if arg not in accepted:
+                    known = sorted(set(accepted) | set(_GLUON_KEYS) | set(_TRAINER_KEYS))
+                    raise ValueError(
+                        f"Trainer: optimizer_params key {k!r} is not an argument of "
+                        f"{key!r}{suggest(k, known)}; accepted: {', '.join(known)}"
+                    )
+                kwargs[arg] = v
+            self._lr = kwargs.pop("learning_rate", _DEFAULT_LR[key])
+            self._check_lr_arg(self._lr)
+
+            def direction(learning_rate):
+                return factory(learning_rate, **kwargs, param_dict=pd, **overrides)
+
+            return direction
+        if isinstance(optimizer, optax.GradientTransformation):
+            unknown = set(opts) - {"learning_rate", "wd"}
+            if unknown:
+                k = sorted(unknown)[0]
+                raise ValueError(
+                    f"Trainer: optimizer_params key {k!r} does not apply to a custom optax "
+                    f"transformation (configure it there); accepted here: learning_rate, wd, "
+                    f"clip_gradient, clip_global_norm"
+                )
+            self._lr = opts.get("learning_rate")
+            if self._lr is not None:
+                self._check_lr_arg(self._lr)
+            wd = opts.get("wd", 0.0)
+
+            def direction(learning_rate):
+                links = [
+                    add_decayed_weights(wd, pd, wd_mult=overrides["wd_mult"]) if wd else None,
+                    optimizer,
+                    scale_by_lr_mult(pd, lr_mult=overrides["lr_mult"]),
+                    optax.scale_by_learning_rate(learning_rate)
+                    if learning_rate is not None
+                    else None,
+                ]
+                return trainable_only(optax.chain(*(t for t in links if t is not None)), pd)
+
+            return direction
+        raise TypeError(
+            f"Trainer: optimizer must be a name or an optax.GradientTransformation, "
+            f"got {type(optimizer).__name__}"
+        )
+
+    @staticmethod
+    def _check_lr_arg(lr: Any) -> None:
+        if not callable(lr):
+            _check_lr(lr, "Trainer")
+
+    # -- properties ---------------------------------------------------------------------------
+    @property
+    def params(self) -> ParamDict:
+        """The ParamDict this Trainer updates (sharing the Parameter objects)."""
+        return self._params
+
+    @property
+    def opt_state(self) -> Any:
+        """The optimizer state pytree (frozen parameters hold no state in it)."""
+        return self._opt_state
+
+    @property
+    def learning_rate(self) -> float | None:
+        """The current base learning rate (a schedule's value at the current step)."""
+        if self._lr is None:
+            return None
+        if self._schedule:
+            return float(self._lr(self._opt_state.count))
+        return float(self._opt_state.hyperparams["learning_rate"])
+
+    def set_learning_rate(self, lr: float) -> None:
+        """Set the base learning rate; takes effect at the next step, without recompiling."""
+        if self._lr is None:
+            raise ValueError(
+                "set_learning_rate: the custom optax transformation owns its learning rate; "
+                "pass optimizer_params={'learning_rate': ...} to let the Trainer drive it"
+            )
+        if self._schedule:
+            raise ValueError(
+                "set_learning_rate: the learning rate is driven by a schedule; "
+                "build a Trainer with a float learning_rate to set it by hand"
+            )
+        lr = _check_lr(lr, "set_learning_rate")
+        state = self._opt_state
+        hyper = dict(state.hyperparams)
+        hyper["learning_rate"] = jnp.asarray(lr, dtype=hyper["learning_rate"].dtype)
+        self._opt_state = state._replace(hyperparams=hyper)
+
+    # -- the lookup chain's override dicts --------------------------------------------------------
+    def set_lr_mult(
+        self, args_lr_mult: Mapping[int | str, float], replace: bool = False
+    ) -> dict[int | str, float]:
+        """Merge `{index or name: multiplier}` into the lr_mult overrides (MXNet's `set_lr_mult`).
+
+        MXNet replaces the whole dict at each call, so `set_lr_mult({'a': 0})` then
+        `set_lr_mult({'b': 0})` silently drops `a`; lrmult merges. `replace=True` is MXNet's
+        behaviour. A key naming no parameter is a `KeyError`; a key whose Parameter has `lr_mult`
+        set (so the override could never act) is a `ValueError`.
+
+        Returns:
+          The override dict now in force.
+        """
+        return self._set_overrides("lr_mult", self._lr_overrides, args_lr_mult, replace)
+
+    def set_wd_mult(
+        self, args_wd_mult: Mapping[int | str, float], replace: bool = False
+    ) -> dict[int | str, float]:
+        """Merge `{index or name: multiplier}` into the wd_mult overrides (see `set_lr_mult`)."""
+        return self._set_overrides("wd_mult", self._wd_overrides, args_wd_mult, replace)
+
+    def _set_overrides(self, attr, current, new, replace):
+        if not isinstance(replace, bool):
+            raise TypeError(f"set_{attr}: replace must be True or False, got {replace!r}")
+        new = lookup.normalize_overrides(attr, new)
+        lookup.check_override_keys(attr, new, self._leaves, self._params)
+        if replace:
+            current.clear()
+        current.update(new)
+        self._dirty = True
+        return dict(current)
+
+    def explain(self) -> Table:
+        """Each parameter's multipliers, effective learning rate, and which link set each value."""
+        lr = self.learning_rate
+        base = float("nan") if lr is None else lr
+        rows = lookup.explain_rows(
+            self._leaves, self._params, self._lr_overrides, self._wd_overrides, base
+        )
+        return Table(rows, title=f"Trainer.explain (base learning rate {base:.6g})")
+
+    # -- stepping ---------------------------------------------------------------------------------
+    def _check_trainable_dtypes(self) -> None:
+        for name, p in self._params.items():
+            if not p.frozen and not jnp.issubdtype(p.dtype, jnp.inexact):
+                raise TypeError(
+                    f"Trainer: parameter {name!r} has dtype {p.dtype} and cannot be trained; "
+                    f"freeze it (params[{name!r}].frozen = True) or make it floating point"
+                )
+
+    def _sync(self) -> None:
+        """Bring the optimizer state up to date with the Parameters' metadata and the overrides."""
+        version = _parameter.metadata_version()
+        if version == self._seen_version and not self._dirty:
+            return
+        self._check_trainable_dtypes()
+        self._opt_state = _refresh(
+            self._opt_state,
+            self._params,
+            overrides={"lr_mult": self._lr_overrides, "wd_mult": self._wd_overrides},
+            warned=self._warned,
+        )
+        self._seen_version = version
+        self._dirty = False
+
+    def _gather(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        trainable: dict[str, Any] = {}
+        frozen: dict[str, Any] = {}
+        for name, p in self._params.items():
+            if p.frozen:
+                trainable[name] = FrozenLeaf()
+                frozen[name] = p._value
+            elif p._donatable:
+                trainable[name] = p._value
+            else:
+                # The user still holds this array: give the donating step a copy of its own.
+                trainable[name] = jnp.copy(p._value)
+        return trainable, frozen
+
+    def _write_back(self, new: Mapping[str, Any]) -> None:
+        params = self._params
+        for name, value in new.items():
+            if not is_frozen_leaf(value):
+                p = params[name]
+                p._value = value
+                p._donatable = True
+
+    def _apply(self, trainable, opt_state, grads, scale):
+        grads = jax.tree.map(lambda g: (g * scale).astype(g.dtype), grads)
+        updates, opt_state = self._tx.update(grads, opt_state, trainable)
+        return optax.apply_updates(trainable, updates), opt_state
+
+    def _grads_by_name(self, grads: Any) -> dict[str, Any]:
+        names = self._names
+        if isinstance(grads, Mapping) and grads and all(k in self._params for k in grads):
+            flat = dict(grads)
+        else:
+            leaves, treedef = jax.tree.flatten(grads)
+            if treedef != self._treedef:
+                raise ValueError(
+                    "step: grads must be shaped like params.tree() or be a {name: grad} dict; "
+                    f"got a tree with structure {treedef}, expected {self._treedef}"
+                )
+            flat = dict(zip(self._order, leaves, strict=True))
+        out = {}
+        for name in names:
+            p = self._params[name]
+            if p.frozen:
+                continue
+            if name not in flat:
+                raise KeyError(f"step: no gradient for parameter {name!r}")
+            g = flat[name]
+            if not isinstance(g, (jax.Array, np.ndarray)):
+                raise TypeError(f"step: gradient of {name!r} is a {type(g).__name__}, not an array")
+            if tuple(g.shape) != p.shape:
+                raise ValueError(
+                    f"step: gradient of {name!r} has shape {tuple(g.shape)}, the parameter has "
+                    f"{p.shape}"
+                )
+            if g.dtype != p.dtype:
+                raise ValueError(
+                    f"step: gradient of {name!r} has dtype {g.dtype}, the parameter has "
+                    f"{p.dtype}; cast it with .astype({str(p.dtype)!r})"
+                )
+            out[name] = g
+        return out
+
+    def step(self, grads: Any, batch_size: int | float = 1) -> None:
+        """Apply one update from `grads` (rescaled by `1 / batch_size`), as Gluon's `step`.
+
+        Args:
+          grads: gradients shaped like `params.tree()`, or a `{name: grad}` dict (frozen
+            parameters' gradients may be left out; they are ignored).
+          batch_size: the gradients are multiplied by `1 / batch_size`.
+        """
+        if isinstance(batch_size, bool) or not isinstance(
+            batch_size, (int, float, np.integer, np.floating)
+        ):
+            raise TypeError(f"step: batch_size must be a number, got {type(batch_size).__name__}")
+        if not batch_size > 0 or not math.isfinite(batch_size):
+            raise ValueError(f"step: batch_size must be a finite number > 0, got {batch_size!r}")
+        flat = self._grads_by_name(grads)
+        self._sync()
+        trainable, _ = self._gather()
+        g = {n: (flat[n] if n in flat else FrozenLeaf()) for n in self._names}
+        g = {n: (FrozenLeaf() if is_frozen_leaf(trainable[n]) else v) for n, v in g.items()}
+        new, self._opt_state = self._apply_fn(
+            trainable, self._opt_state, g, jnp.float32(1.0 / batch_size)
+        )
+        self._write_back(new)
+
+    def _train_fn(self, loss_fn: Callable, has_aux: bool) -> Callable:
+        key = (loss_fn, has_aux)
+        fn = self._train_fns.get(key)
+        if fn is not None:
+            return fn
+        tx, treedef, order = self._tx, self._treedef, self._order
+        fname = getattr(loss_fn, "__name__", repr(loss_fn))
+
+        def train(trainable, frozen, opt_state, args):
+            def objective(tr):
+                values = {**frozen, **{n: v for n, v in tr.items() if not is_frozen_leaf(v)}}
+                out = loss_fn(jax.tree.unflatten(treedef, [values[n] for n in order]), *args)
+                if has_aux and not (isinstance(out, tuple) and len(out) == 2):
+                    raise TypeError(
+                        f"train_step: with has_aux=True, {fname} must return (loss, aux)"
+                    )
+                loss = out[0] if has_aux else out
+                if not hasattr(loss, "shape") or loss.shape != ():
+                    raise TypeError(
+                        f"train_step: {fname} must return a scalar loss, got "
+                        f"{type(loss).__name__} of shape {getattr(loss, 'shape', None)}"
+                    )
+                return out
+
+            out, grads = jax.value_and_grad(objective, has_aux=has_aux)(trainable)
+            updates, opt_state = tx.update(grads, opt_state, trainable)
+            return optax.apply_updates(trainable, updates), opt_state, out
+
+        fn = jax.jit(train, donate_argnums=(0, 2))
+        self._train_fns[key] = fn
+        return fn
+
+    def train_step(self, loss_fn: Callable, *args: Any, has_aux: bool = False) -> Any:
+        """One jitted step: the gradient of `loss_fn(params.tree(), *args)` and its update.
+
+        Only trainable parameters are differentiated. The step is compiled once per `loss_fn`
+        and frozen set; keep passing the same function object.
+
+        Returns:
+          The loss (and the aux output when `has_aux`), as computed before the update.
+        """
+        if not callable(loss_fn):
+            raise TypeError(f"train_step: loss_fn must be callable, got {type(loss_fn).__name__}")
+        fn = self._train_fn(loss_fn, has_aux)
+        self._sync()
+        trainable, frozen = self._gather()
+        new, self._opt_state, out = fn(trainable, frozen, self._opt_state, args)
+        self._write_back(new)
+        return out

@@ -1,0 +1,445 @@
+"""optax transformations that place per-leaf multipliers, and the structural freeze.
+
+- `scale_by_lr_mult` / `add_decayed_weights`: multipliers resolved through the lookup chain at
+  `init`, kept in the state as float32 scalars per leaf (so changing them never recompiles).
+- `per_leaf`: runs a transformation leaf by leaf, so each leaf has its own step count.
+- `trainable_only`: frozen leaves hold no state and take no part in the inner chain.
+- `refresh`: the same state with the current multipliers (and frozen set) of a ParamDict.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.tree_util import GetAttrKey
+
+from lrmult import lookup
+from lrmult.lookup import FrozenLeaf, is_frozen_leaf
+
+
+def _flatten(tree: Any) -> tuple[list[Any], Any]:
+    return jax.tree.flatten(tree, is_leaf=is_frozen_leaf)
+
+
+def _check_param_dict(param_dict: Any, where: str) -> None:
+    if param_dict is not None and not isinstance(param_dict, Mapping):
+        raise TypeError(f"{where}: param_dict must be a ParamDict, got {type(param_dict).__name__}")
+
+
+class _Link:
+    """How a multiplier state was resolved: static (aux) data of `MultState`, equal by identity."""
+
+    def __init__(self, attr: str, overrides: dict, idx2name: dict | None, param_dict: Any) -> None:
+        self.attr = attr
+        self.overrides = overrides
+        self.idx2name = idx2name
+        self.param_dict = param_dict
+        self.warned: set[Any] = set()
+
+
+class MultState:
+    """Per-leaf multipliers (`values`: float32 scalars shaped like the params)."""
+
+    __slots__ = ("values", "link")
+
+    def __init__(self, values: Any, link: _Link) -> None:
+        self.values = values
+        self.link = link
+
+    def __repr__(self) -> str:
+        return f"MultState({self.link.attr}, {self.values!r})"
+
+
+jax.tree_util.register_pytree_with_keys(
+    MultState,
+    lambda s: (((GetAttrKey("values"), s.values),), s.link),
+    lambda link, children: MultState(children[0], link),
+    flatten_func=lambda s: ((s.values,), s.link),
+)
+
+
+def _multiplier_tree(attr: str, tree: Any, link: _Link, leaves: list[lookup.Leaf], overrides):
+    """float32 scalars for every array leaf of `tree` (0 for frozen leaves); FrozenLeaf stays."""
+    values = lookup.resolve(attr, leaves, link.param_dict, overrides)
+    frozen = lookup.resolve("frozen", leaves, link.param_dict)
+    flat, treedef = _flatten(tree)
+    out = [
+        x if is_frozen_leaf(x) else jax.device_put(np.float32(0.0 if fz else v))
+        for x, (v, _), (fz, _) in zip(flat, values, frozen, strict=True)
+    ]
+    return jax.tree.unflatten(treedef, out)
+
+
+def _multiplier(attr: str, param_dict: Any, overrides: Any, idx2name: Any, where: str):
+    """Shared body of `scale_by_lr_mult` and `add_decayed_weights`: validated link + init."""
+    _check_param_dict(param_dict, where)
+    link = _Link(
+        attr,
+        lookup.normalize_overrides(attr, overrides),
+        lookup.check_idx2name(idx2name),
+        param_dict,
+    )
+
+    def init(params: Any) -> MultState:
+        leaves = lookup.leaves_of(params, param_dict, link.idx2name)
+        lookup.check_override_keys(attr, link.overrides, leaves, param_dict)
+        return MultState(_multiplier_tree(attr, params, link, leaves, link.overrides), link)
+
+    return init
+
+
+def scale_by_lr_mult(
+    param_dict: Mapping[str, Any] | None = None,
+    *,
+    lr_mult: Mapping[int | str, float] | None = None,
+    idx2name: Mapping[int, str] | None = None,
+) -> optax.GradientTransformation:
+    """Multiply each leaf's update by its `lr_mult`.
+
+    Place it where the update is final but for the learning rate (after any adaptive
+    preconditioner), so `lr_mult` scales the step, never the gradient. A frozen leaf's update is
+    zeroed; the ready chains (`lrmult.adam`, ...) go further and drop its state.
+
+    Args:
+      param_dict: a ParamDict whose Parameters' `lr_mult` come first in the lookup chain.
+      lr_mult: override dict, parameter index or name -> multiplier (links 2 and 3 of the chain).
+      idx2name: index -> name, for trees whose path names are not the parameter names.
+
+    Returns:
+      An `optax.GradientTransformation` whose state holds one float32 scalar per leaf.
+    """
+    init = _multiplier("lr_mult", param_dict, lr_mult, idx2name, "scale_by_lr_mult")
+
+    def update_fn(updates, state, params=None):
+        del params
+        out = jax.tree.map(lambda u, m: (u * m).astype(u.dtype), updates, state.values)
+        return out, state
+
+    return optax.GradientTransformation(init, update_fn)
+
+
+def add_decayed_weights(
+    weight_decay: float | jax.Array = 0.0,
+    param_dict: Mapping[str, Any] | None = None,
+    *,
+    wd_mult: Mapping[int | str, float] | None = None,
+    idx2name: Mapping[int, str] | None = None,
+) -> optax.GradientTransformation:
+    """Add `weight_decay * wd_mult * param` to each leaf's update (optax's, per leaf).
+
+    Args:
+      weight_decay: the base rate λ.
+      param_dict: a ParamDict whose Parameters' `wd_mult` come first in the lookup chain.
+      wd_mult: override dict, parameter index or name -> multiplier.
+      idx2name: index -> name, for trees whose path names are not the parameter names.
+
+    Returns:
+      An `optax.GradientTransformation`; frozen leaves get no decay.
+    """
+    if not isinstance(weight_decay, (int, float, jax.Array, np.ndarray)) or isinstance(
+        weight_decay, bool
+    ):
+        raise TypeError(
+            f"add_decayed_weights: weight_decay must be a number, got {type(weight_decay).__name__}"
+        )
+    if isinstance(weight_decay, (int, float)) and not (
+        weight_decay >= 0 and np.isfinite(weight_decay)
+    ):
+        raise ValueError(f"add_decayed_weights: weight_decay must be >= 0, got {weight_decay!r}")
+    init = _multiplier("wd_mult", param_dict, wd_mult, idx2name, "add_decayed_weights")
+
+    def update_fn(updates, state, params=None):
+        if params is None:
+            raise ValueError("add_decayed_weights needs params: call update(grads, state, params)")
+        out = jax.tree.map(
+            lambda u, d, p: (u + (weight_decay * d) * p).astype(u.dtype),
+            updates,
+            state.values,
+            params,
+        )
+        return out, state
+
+    return optax.GradientTransformation(init, update_fn)
+
+
+def per_leaf(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+    """Run `inner` on each leaf on its own: every leaf gets its own state, step count included.
+
+    optax's `scale_by_adam` keeps one step count for the whole tree; under `per_leaf` a leaf that
+    joins training later starts its bias correction afresh, as in PyTorch and MXNet.
+    """
+
+    def init_fn(params):
+        return jax.tree.map(inner.init, params)
+
+    def update_fn(updates, state, params=None):
+        if params is None:
+            pairs = jax.tree.map(lambda g, s: inner.update(g, s), updates, state)
+        else:
+            pairs = jax.tree.map(lambda g, s, p: inner.update(g, s, p), updates, state, params)
+        new_updates = jax.tree.map(lambda _, pair: pair[0], updates, pairs)
+        new_state = jax.tree.map(lambda _, pair: pair[1], updates, pairs)
+        return new_updates, new_state
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+class _Owner:
+    """Static data of a `TrainableState`: the frozen mask and how to build state for a new one."""
+
+    def __init__(self, init, param_dict, treedef, leaves, dtypes, frozen) -> None:
+        self.init = init
+        self.param_dict = param_dict
+        self.treedef = treedef
+        self.leaves = leaves
+        self.dtypes = dtypes
+        self.frozen = tuple(frozen)
+
+
+class TrainableState:
+    """The state of the inner chain, over the trainable leaves only (frozen: `FrozenLeaf`)."""
+
+    __slots__ = ("inner", "owner")
+
+    def __init__(self, inner: Any, owner: _Owner) -> None:
+        self.inner = inner
+        self.owner = owner
+
+    def __repr__(self) -> str:
+        return f"TrainableState(frozen={sum(self.owner.frozen)}, inner={self.inner!r})"
+
+
+jax.tree_util.register_pytree_with_keys(
+    TrainableState,
+    lambda s: (((GetAttrKey("inner"), s.inner),), s.owner),
+    lambda owner, children: TrainableState(children[0], owner),
+    flatten_func=lambda s: ((s.inner,), s.owner),
+)
+
+
+def _masked(tree: Any, frozen: tuple[bool, ...]) -> Any:
+    flat, treedef = _flatten(tree)
+    if len(flat) != len(frozen):
+        raise ValueError(
+            f"trainable_only: the tree has {len(flat)} leaves, the state was built for "
+            f"{len(frozen)}"
+        )
+    return jax.tree.unflatten(
+        treedef, [FrozenLeaf() if fz else x for x, fz in zip(flat, frozen, strict=True)]
+    )
+
+
+def trainable_only(
+    inner: optax.GradientTransformation, param_dict: Mapping[str, Any] | None
+) -> optax.GradientTransformation:
+    """Apply `inner` to the trainable leaves only; frozen leaves hold no state.
+
+    Frozen is read from `param_dict` at `init` (and at `refresh`). Frozen leaves stand in the
+    inner state as `FrozenLeaf` (an empty pytree node): no moments, no step count, no part in
+    global-norm clipping. Their update is `FrozenLeaf` where the gradient was (a Trainer never
+    computes it) and exact zeros where an array was given.
+    """
+    _check_param_dict(param_dict, "trainable_only")
+
+    def init_fn(params):
+        leaves = lookup.leaves_of(params, param_dict, None)
+        frozen = tuple(v for v, _ in lookup.resolve("frozen", leaves, param_dict))
+        flat, treedef = _flatten(params)
+        dtypes = [None if is_frozen_leaf(x) else jnp.result_type(x) for x in flat]
+        owner = _Owner(inner.init, param_dict, treedef, leaves, dtypes, frozen)
+        return TrainableState(inner.init(_masked(params, frozen)), owner)
+
+    def update_fn(updates, state, params=None):
+        frozen = state.owner.frozen
+        masked_params = None if params is None else _masked(params, frozen)
+        new_updates, new_inner = inner.update(_masked(updates, frozen), state.inner, masked_params)
+        flat_in, treedef = _flatten(updates)
+        flat_out = _flatten(new_updates)[0]
+        out = [
+            (jnp.zeros_like(x) if fz and not is_frozen_leaf(x) else y)
+            for x, y, fz in zip(flat_in, flat_out, frozen, strict=True)
+        ]
+        return jax.tree.unflatten(treedef, out), TrainableState(new_inner, state.owner)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+# -- refresh -------------------------------------------------------------------------------------
+
+
+def _is_node(x: Any) -> bool:
+    return isinstance(x, (TrainableState, MultState))
+
+
+def _carry_over(old: Any, new: Any) -> Any:
+    """`new`, with each array taken from `old` where the same key path holds one alike."""
+    old_flat = dict(jax.tree_util.tree_flatten_with_path(old, is_leaf=is_frozen_leaf)[0])
+
+    def pick(path, x):
+        y = old_flat.get(path)
+        if (
+            y is not None
+            and not is_frozen_leaf(y)
+            and not is_frozen_leaf(x)
+            and np.shape(y) == np.shape(x)
+            and jnp.result_type(y) == jnp.result_type(x)
+        ):
+            return y
+        return x
+
+    return jax.tree_util.tree_map_with_path(pick, new, is_leaf=is_frozen_leaf)
+
+
+def _restructure(state: TrainableState, param_dict: Any) -> TrainableState:
+    owner = state.owner
+    pd = param_dict if param_dict is not None else owner.param_dict
+    frozen = tuple(v for v, _ in lookup.resolve("frozen", owner.leaves, pd))
+    if frozen == owner.frozen:
+        return state
+    values = []
+    for leaf, dtype, fz in zip(owner.leaves, owner.dtypes, frozen, strict=True):
+        if fz:
+            values.append(FrozenLeaf())
+        elif pd is not None and leaf.name in pd:
+            values.append(pd[leaf.name]._value)
+        else:
+            values.append(jnp.zeros(leaf.shape, dtype))
+    params = jax.tree.unflatten(owner.treedef, values)
+    new_owner = _Owner(owner.init, pd, owner.treedef, owner.leaves, owner.dtypes, frozen)
+    fresh = owner.init(params)
+    return TrainableState(_carry_over(state.inner, fresh), new_owner)
+
+
+def _refresh_mult(
+    state: MultState, param_dict: Any, overrides: Mapping | None, warned: set | None
+) -> MultState:
+    link = state.link
+    pd = param_dict if param_dict is not None else link.param_dict
+    overrides = link.overrides if overrides is None else overrides
+    warned = link.warned if warned is None else warned
+    leaves = lookup.leaves_of(state.values, pd, link.idx2name)
+    for key, name in lookup.shadowed(link.attr, overrides, leaves, pd):
+        if (link.attr, key) not in warned:
+            warned.add((link.attr, key))
+            warnings.warn(
+                f"{link.attr} override {key!r} no longer acts on parameter {name!r}: its "
+                f"Parameter's {link.attr} was set since, and comes first in the lookup chain",
+                stacklevel=4,
+            )
+    values = lookup.resolve(link.attr, leaves, pd, overrides)
+    frozen = lookup.resolve("frozen", leaves, pd)
+    flat, treedef = _flatten(state.values)
+    out = []
+    for old, (v, _), (fz, _) in zip(flat, values, frozen, strict=True):
+        new = np.float32(0.0 if fz else v)
+        if is_frozen_leaf(old) or np.float32(old) == new:
+            out.append(old)
+        else:
+            out.append(jax.device_put(new))
+    new_link = (
+        link if pd is link.param_dict else _Link(link.attr, link.overrides, link.idx2name, pd)
+    )
+    if new_link is not link:
+        new_link.warned = link.warned
+    return MultState(jax.tree.unflatten(treedef, out), new_link)
+
+
+def _refresh(
+    opt_state: Any,
+    param_dict: Any = None,
+    overrides: Mapping[str, Mapping] | None = None,
+    warned: set | None = None,
+) -> Any:
+    """The engine of `refresh` (and of the Trainer, which keeps its override dicts itself)."""
+
+    def visit(node):
+        if isinstance(node, TrainableState):
+            node = _restructure(node, param_dict)
+            return TrainableState(jax.tree.map(visit, node.inner, is_leaf=_is_node), node.owner)
+        if isinstance(node, MultState):
+            ovr = None if overrides is None else overrides.get(node.link.attr, {})
+            return _refresh_mult(node, param_dict, ovr, warned)
+        return node
+
+    return jax.tree.map(visit, opt_state, is_leaf=_is_node)
+
+
+def refresh(opt_state: Any, param_dict: Mapping[str, Any] | None = None) -> Any:
+    """The same optimizer state with `param_dict`'s current multipliers and frozen set.
+
+    Call it between steps after `setattr`: the new state has the same structure (so a jitted
+    update does not recompile) unless the frozen set changed, in which case it has the new
+    structure, the state of every leaf that stays trainable is carried over, and newly trainable
+    leaves get fresh state (with their own step count, under the ready chains).
+
+    Args:
+      opt_state: a state made by lrmult's transformations (anywhere inside an optax chain,
+        `inject_hyperparams`, ...).
+      param_dict: the ParamDict to read; defaults to the one each transformation was built with.
+
+    Returns:
+      The new state; `opt_state` itself is not modified. Unchanged multipliers keep their arrays.
+    """
+    _check_param_dict(param_dict, "refresh")
+    return _refresh(opt_state, param_dict)
+
+
+def find_nodes(opt_state: Any) -> tuple[list[TrainableState], list[MultState]]:
+    """Every `TrainableState` and `MultState` inside an optimizer state, outermost first."""
+    trainable: list[TrainableState] = []
+    mults: list[MultState] = []
+
+    def visit(node):
+        if isinstance(node, TrainableState):
+            trainable.append(node)
+            jax.tree.map(visit, node.inner, is_leaf=_is_node)
+        elif isinstance(node, MultState):
+            mults.append(node)
+        return node
+
+    jax.tree.map(visit, opt_state, is_leaf=_is_node)
+    return trainable, mults
+
+
+def explain(
+    opt_state: Any, param_dict: Mapping[str, Any] | None = None, learning_rate: float | None = None
+):
+    """What each leaf gets from an lrmult optimizer state, and which link of the chain set it.
+
+    Args:
+      opt_state: a state holding lrmult's multipliers (from `scale_by_lr_mult` or a ready chain).
+      param_dict: the ParamDict to read; defaults to the one the transformations were built with.
+      learning_rate: the base rate for the `lr` column; read from an `inject_hyperparams` state
+        when not given, else shown as nan.
+
+    Returns:
+      A `Table` of `ExplainRow`s, printable as text and shown as HTML in notebooks.
+    """
+    from lrmult.display import Table
+
+    _, mults = find_nodes(opt_state)
+    by_attr = {m.link.attr: m for m in reversed(mults)}
+    if "lr_mult" not in by_attr:
+        raise ValueError("explain: opt_state holds no scale_by_lr_mult state")
+    lr_node = by_attr["lr_mult"]
+    wd_node = by_attr.get("wd_mult")
+    pd = param_dict if param_dict is not None else lr_node.link.param_dict
+    if learning_rate is None:
+        hyper = getattr(opt_state, "hyperparams", None) or {}
+        lr = hyper.get("learning_rate")
+        learning_rate = float(lr) if lr is not None else float("nan")
+    leaves = lookup.leaves_of(lr_node.values, pd, lr_node.link.idx2name)
+    rows = lookup.explain_rows(
+        leaves,
+        pd,
+        lr_node.link.overrides,
+        wd_node.link.overrides if wd_node is not None else None,
+        float(learning_rate),
+    )
+    return Table(rows, title=f"lrmult.explain (base learning rate {learning_rate:.6g})")
