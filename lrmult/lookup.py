@@ -1,4 +1,4 @@
-"""The lookup chain: MXNet's `Optimizer._get_lr` (param_dict -> index -> idx2name -> default), made safe.
+"""The lookup chain: MXNet's `Optimizer._get_lr` (param_dict, index, idx2name, default), made safe.
 
 For each leaf of a tree and each attribute (`lr_mult`, `wd_mult`, `frozen`), exactly one link
 applies, in this order:
@@ -223,7 +223,7 @@ def explain_rows(
     wd_overrides: Mapping[int | str, float] | None,
     base_lr: float,
 ) -> list[ExplainRow]:
-    """Rows in index order; `lr` is the effective learning rate `base_lr * lr_mult` (0 if frozen)."""
+    """Rows in index order; `lr` is the effective rate `base_lr * lr_mult` (0 when frozen)."""
     lrs = resolve("lr_mult", leaves, param_dict, lr_overrides)
     wds = resolve("wd_mult", leaves, param_dict, wd_overrides)
     fzs = resolve("frozen", leaves, param_dict)

@@ -142,7 +142,9 @@ class ParamDict(Mapping[str, Parameter]):
             try:
                 regex = re.compile(pattern)
             except re.error as e:
-                raise ValueError(f"select: {pattern!r} is not a valid regular expression: {e}")
+                raise ValueError(
+                    f"select: {pattern!r} is not a valid regular expression: {e}"
+                ) from None
         else:
             raise TypeError(f"select: pattern must be a str, got {type(pattern).__name__}")
         out = ParamDict()

@@ -161,7 +161,7 @@ class Trainer:
         self._dirty = False
         self._warned: set[Any] = set()
         self._train_fns: dict[Any, Callable] = {}
-        self._apply_fn = jax.jit(self._apply, donate_argnums=(0, 1))
+        self._apply_fn = jax.jit(self._lrmult_apply_step, donate_argnums=(0, 1))
 
     def _direction(self, optimizer: Any, opts: dict[str, Any]) -> Callable[[Any], Any]:
         """Validate `optimizer` / `optimizer_params`; return learning_rate -> transformation."""
@@ -355,7 +355,7 @@ class Trainer:
                 p._value = value
                 p._donatable = True
 
-    def _apply(self, trainable, opt_state, grads, scale):
+    def _lrmult_apply_step(self, trainable, opt_state, grads, scale):
         grads = jax.tree.map(lambda g: (g * scale).astype(g.dtype), grads)
         updates, opt_state = self._tx.update(grads, opt_state, trainable)
         return optax.apply_updates(trainable, updates), opt_state
@@ -427,7 +427,7 @@ class Trainer:
         tx, treedef, order = self._tx, self._treedef, self._order
         fname = getattr(loss_fn, "__name__", repr(loss_fn))
 
-        def train(trainable, frozen, opt_state, args):
+        def lrmult_train_step(trainable, frozen, opt_state, args):
             def objective(tr):
                 values = {**frozen, **{n: v for n, v in tr.items() if not is_frozen_leaf(v)}}
                 out = loss_fn(jax.tree.unflatten(treedef, [values[n] for n in order]), *args)
@@ -447,7 +447,7 @@ class Trainer:
             updates, opt_state = tx.update(grads, opt_state, trainable)
             return optax.apply_updates(trainable, updates), opt_state, out
 
-        fn = jax.jit(train, donate_argnums=(0, 2))
+        fn = jax.jit(lrmult_train_step, donate_argnums=(0, 2))
         self._train_fns[key] = fn
         return fn
 

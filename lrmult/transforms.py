@@ -201,6 +201,16 @@ class _Owner:
         self.dtypes = dtypes
         self.frozen = tuple(frozen)
 
+    def _key(self) -> tuple:
+        return (id(self.init), id(self.param_dict), self.treedef, self.frozen)
+
+    # Equal owners give equal treedefs, so jit's cache holds one executable per frozen set.
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Owner) and self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
 
 class TrainableState:
     """The state of the inner chain, over the trainable leaves only (frozen: `FrozenLeaf`)."""
