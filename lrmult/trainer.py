@@ -60,14 +60,6 @@ def _as_param_dict(params: Any) -> ParamDict:
         )
     if not out:
         raise ValueError("Trainer: params holds no parameter")
-    seen: dict[int, str] = {}
-    for name, p in out.items():
-        if id(p) in seen:
-            raise ValueError(
-                f"Trainer: the same Parameter is stored under {seen[id(p)]!r} and {name!r}; "
-                f"a parameter can be trained under one name only"
-            )
-        seen[id(p)] = name
     return out
 
 

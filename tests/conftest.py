@@ -1,0 +1,33 @@
+import collections
+
+import jax
+import pytest
+
+_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+_compiles: collections.Counter = collections.Counter()
+
+
+def _listener(event, duration, **kwargs):
+    if event == _COMPILE_EVENT:
+        _compiles[kwargs.get("fun_name", "?")] += 1
+
+
+jax.monitoring.register_event_duration_secs_listener(_listener)
+
+
+class CompileCounter:
+    """Counts XLA compilations (by function name) from the moment it is created."""
+
+    def __init__(self):
+        self._start = collections.Counter(_compiles)
+
+    def __call__(self, fun_name=None):
+        now = _compiles - self._start
+        if fun_name is None:
+            return sum(now.values())
+        return sum(v for k, v in now.items() if fun_name in k)
+
+
+@pytest.fixture
+def compiles():
+    return CompileCounter

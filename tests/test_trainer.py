@@ -1,0 +1,344 @@
+"""Trainer behaviour: no recompilation, donation, frozen is structural, errors leave no trace."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import lrmult
+from lrmult import ParamDict, Trainer
+
+
+def mlp_tree(key=0):
+    k = jax.random.split(jax.random.PRNGKey(key), 3)
+    return {
+        "l1": {"W": jax.random.normal(k[0], (3, 8)), "b": jnp.zeros(8)},
+        "l2": {"W": jax.random.normal(k[1], (8, 8)), "b": jnp.zeros(8)},
+        "out": {"W": jax.random.normal(k[2], (8, 1)), "b": jnp.zeros(1)},
+    }
+
+
+def mlp_loss(p, x, y):
+    h = jnp.tanh(x @ p["l1"]["W"] + p["l1"]["b"])
+    h = jnp.tanh(h @ p["l2"]["W"] + p["l2"]["b"])
+    return jnp.mean((h @ p["out"]["W"] + p["out"]["b"] - y) ** 2)
+
+
+X = jnp.linspace(-1, 1, 30).reshape(10, 3)
+Y = jnp.sin(X.sum(1, keepdims=True))
+
+
+def state_paths(state):
+    return [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(state)[0]]
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw", "lamb"])
+def test_changing_multipliers_overrides_and_lr_never_recompiles(optimizer, compiles):
+    pd = ParamDict.from_pytree(mlp_tree())
+    trainer = Trainer(
+        pd,
+        optimizer,
+        {"learning_rate": 0.01, "wd": 1e-3, "momentum": 0.9}
+        if optimizer == "sgd"
+        else {"learning_rate": 0.01, "wd": 1e-3},
+    )
+    trainer.train_step(mlp_loss, X, Y)
+    grads = jax.tree.map(jnp.ones_like, pd.tree())
+    trainer.step(grads)
+    counter = compiles()
+    before = pd.arrays()
+    for k in range(3):
+        pd["l1/W"].lr_mult = 0.5 + k
+        pd.select(".*b$").setattr("wd_mult", 0.1 * k)
+        trainer.set_lr_mult({"l2/W": 2.0 + k})
+        trainer.set_wd_mult({4: 3.0})
+        trainer.set_learning_rate(0.001 * (k + 1))
+        trainer.train_step(mlp_loss, X, Y)
+        trainer.step(grads, batch_size=4)
+    assert counter() == 0
+    assert all(not np.array_equal(before[n], v) for n, v in pd.arrays().items())
+
+
+def test_frozen_toggle_compiles_once_per_distinct_set(compiles):
+    pd = ParamDict.from_pytree(mlp_tree())
+    trainer = Trainer(pd, "adam", {"learning_rate": 0.01})
+    trainer.train_step(mlp_loss, X, Y)
+    counter = compiles()
+    pd.select("l1").setattr("frozen", True)
+    trainer.train_step(mlp_loss, X, Y)
+    assert counter("lrmult_train_step") == 1
+    pd.select("l1").setattr("frozen", False)
+    trainer.train_step(mlp_loss, X, Y)
+    pd.select("l1").setattr("frozen", True)
+    trainer.train_step(mlp_loss, X, Y)
+    assert counter("lrmult_train_step") == 1  # both sets were seen before
+
+
+def test_frozen_leaf_has_no_state_and_unfrozen_leaf_gets_fresh_state():
+    pd = ParamDict.from_pytree(mlp_tree())
+    pd["l2/W"].frozen = True
+    trainer = Trainer(pd, "adam", {"learning_rate": 0.01})
+    assert not any("l2/W" in p for p in state_paths(trainer.opt_state))
+    for _ in range(3):
+        trainer.train_step(mlp_loss, X, Y)
+    pd["l2/W"].frozen = False
+    trainer.train_step(mlp_loss, X, Y)
+    inner = trainer.opt_state.inner_state[0].inner
+    counts = {name: int(s.count) for name, s in inner[0].items()}
+    assert counts["l2/W"] == 1 and counts["l1/W"] == 4
+    np.testing.assert_array_equal(inner[0]["l1/W"].mu.shape, (3, 8))
+
+
+def test_frozen_leaf_gradient_is_never_computed():
+    traced = []
+
+    @jax.custom_vjp
+    def spy(w):
+        return w
+
+    def fwd(w):
+        return w, None
+
+    def bwd(_, g):
+        traced.append(True)
+        return (g,)
+
+    spy.defvjp(fwd, bwd)
+    pd = ParamDict.from_pytree({"frozen": jnp.ones(3), "live": jnp.ones(3)})
+    pd["frozen"].frozen = True
+
+    def loss(p):
+        return jnp.sum(spy(p["frozen"]) * p["live"])
+
+    trainer = Trainer(pd, "sgd", {"learning_rate": 0.1})
+    trainer.train_step(loss)
+    assert traced == []
+    np.testing.assert_allclose(pd["live"].data(), 1 - 0.1 * np.ones(3))
+    pd["frozen"].frozen = False
+    trainer.train_step(loss)
+    assert traced == [True]
+
+
+def test_frozen_leaf_takes_no_part_in_global_norm_clipping():
+    pd = ParamDict.from_pytree({"big": jnp.zeros(4), "small": jnp.zeros(3)})
+    pd["big"].frozen = True
+    trainer = Trainer(pd, "sgd", {"learning_rate": 1.0, "clip_global_norm": 1.0})
+    trainer.step({"big": jnp.full(4, 100.0), "small": jnp.array([0.3, 0.4, 0.0])})
+    # ||small|| = 0.5 < 1: unclipped. Had 'big' counted, the norm would be 200 and small ×1/200.
+    np.testing.assert_allclose(pd["small"].data(), [-0.3, -0.4, 0.0], rtol=1e-6)
+    trainer.step({"big": jnp.full(4, 100.0), "small": jnp.array([3.0, 4.0, 0.0])})
+    np.testing.assert_allclose(pd["small"].data(), [-0.9, -1.2, 0.0], rtol=1e-6)
+    np.testing.assert_array_equal(pd["big"].data(), np.zeros(4))
+
+
+def test_element_wise_clip_gradient_before_weight_decay():
+    pd = ParamDict.from_pytree({"w": jnp.array([1.0, 1.0])})
+    trainer = Trainer(pd, "sgd", {"learning_rate": 1.0, "clip_gradient": 0.5, "wd": 0.1})
+    trainer.step({"w": jnp.array([2.0, -0.2])})
+    # MXNet: g = clip(g, -0.5, 0.5) + wd*w
+    np.testing.assert_allclose(pd["w"].data(), [1 - (0.5 + 0.1), 1 - (-0.2 + 0.1)], rtol=1e-6)
+
+
+def test_lr_mult_zero_is_not_frozen_state_advances():
+    pd = ParamDict.from_pytree({"a": jnp.ones(2), "b": jnp.ones(2)})
+    pd["a"].lr_mult = 0.0
+    trainer = Trainer(pd, "sgd", {"learning_rate": 0.1, "momentum": 0.9})
+    for _ in range(2):
+        trainer.step({"a": jnp.ones(2), "b": jnp.ones(2)})
+    np.testing.assert_array_equal(pd["a"].data(), np.ones(2))
+    traces = [
+        leaf
+        for p, leaf in jax.tree_util.tree_flatten_with_path(trainer.opt_state)[0]
+        if "trace" in jax.tree_util.keystr(p) and "'a'" in jax.tree_util.keystr(p)
+    ]
+    np.testing.assert_allclose(traces[0], [1.9, 1.9], rtol=1e-6)  # buf = 0.9*1 + 1
+    pd["a"].lr_mult = 1.0
+    trainer.step({"a": jnp.ones(2), "b": jnp.ones(2)})
+    np.testing.assert_allclose(pd["a"].data(), 1 - 0.1 * (0.9 * 1.9 + 1), rtol=1e-6)
+
+
+def test_user_arrays_stay_valid_and_can_seed_two_param_dicts():
+    tree = mlp_tree()
+    a = ParamDict.from_pytree(tree)
+    b = ParamDict.from_pytree(tree)
+    ta = Trainer(a, "adam", {"learning_rate": 0.01})
+    tb = Trainer(b, "sgd", {"learning_rate": 0.01})
+    for _ in range(3):
+        ta.train_step(mlp_loss, X, Y)
+        tb.train_step(mlp_loss, X, Y)
+    snapshot = a["l1/W"].data()
+    ta.train_step(mlp_loss, X, Y)
+    for leaf in jax.tree.leaves(tree):
+        assert not leaf.is_deleted()
+        np.asarray(leaf)
+    np.asarray(snapshot)  # read by the user through data(): still valid after a step
+    assert not np.array_equal(snapshot, a["l1/W"].data())
+
+
+def test_trainer_donates_its_own_buffers():
+    pd = ParamDict.from_pytree({"w": jnp.ones(1000)})
+    trainer = Trainer(pd, "sgd", {"learning_rate": 0.1})
+    trainer.step({"w": jnp.ones(1000)})
+    produced = pd["w"]._value  # produced by the Trainer, never handed to the user
+    trainer.step({"w": jnp.ones(1000)})
+    if jax.default_backend() in ("cpu", "gpu", "tpu"):
+        assert produced.is_deleted()
+
+
+def test_step_accepts_a_tree_or_a_name_dict_and_rescales_by_batch_size():
+    pd = ParamDict.from_pytree({"a": {"w": jnp.zeros(2)}, "b": jnp.zeros(1)})
+    trainer = Trainer(pd, "sgd", {"learning_rate": 1.0})
+    trainer.step({"a": {"w": jnp.ones(2)}, "b": jnp.ones(1)}, batch_size=4)
+    np.testing.assert_allclose(pd["a/w"].data(), [-0.25, -0.25])
+    trainer.step({"a/w": jnp.ones(2), "b": jnp.ones(1)}, batch_size=2)
+    np.testing.assert_allclose(pd["b"].data(), [-0.75])
+
+
+def test_every_named_optimizer_trains():
+    for name in lrmult.optimizers.OPTIMIZERS:
+        pd = ParamDict.from_pytree(mlp_tree())
+        pd["l1/b"].frozen = True
+        trainer = Trainer(pd, name, {"learning_rate": 0.01})
+        first = float(trainer.train_step(mlp_loss, X, Y))
+        for _ in range(30):
+            last = float(trainer.train_step(mlp_loss, X, Y))
+        assert last < first, name
+        np.testing.assert_array_equal(pd["l1/b"].data(), np.zeros(8))
+
+
+def test_custom_optax_transformation_with_trainer_learning_rate():
+    pd = ParamDict.from_pytree({"w": jnp.zeros(2), "v": jnp.zeros(2)})
+    pd["v"].lr_mult = 3.0
+    trainer = Trainer(pd, optax.scale_by_sign(), {"learning_rate": 0.5})
+    trainer.step({"w": jnp.array([2.0, -3.0]), "v": jnp.array([1.0, 1.0])})
+    np.testing.assert_allclose(pd["w"].data(), [-0.5, 0.5])
+    np.testing.assert_allclose(pd["v"].data(), [-1.5, -1.5])
+    trainer.set_learning_rate(0.1)
+    assert trainer.learning_rate == pytest.approx(0.1)
+
+
+def test_custom_transformation_owning_its_rate_refuses_set_learning_rate():
+    pd = ParamDict.from_pytree({"w": jnp.zeros(2)})
+    trainer = Trainer(pd, optax.sgd(0.1))
+    trainer.step({"w": jnp.ones(2)})
+    np.testing.assert_allclose(pd["w"].data(), [-0.1, -0.1])
+    assert trainer.learning_rate is None
+    with pytest.raises(ValueError, match="owns its learning rate"):
+        trainer.set_learning_rate(0.2)
+
+
+def test_train_step_returns_loss_and_aux():
+    pd = ParamDict.from_pytree({"w": jnp.array([2.0])})
+    trainer = Trainer(pd, "sgd", {"learning_rate": 0.25})
+
+    def loss(p):
+        return jnp.sum(p["w"] ** 2), {"w_before": p["w"]}
+
+    value, aux = trainer.train_step(loss, has_aux=True)
+    assert float(value) == 4.0 and float(aux["w_before"][0]) == 2.0
+    np.testing.assert_allclose(pd["w"].data(), [2 - 0.25 * 4])
+
+
+# -- errors leave everything as it was ---------------------------------------------------------
+
+
+def snapshot(trainer):
+    return (
+        {n: np.asarray(v) for n, v in trainer.params.arrays().items()},
+        [np.asarray(x) for x in jax.tree.leaves(trainer.opt_state)],
+    )
+
+
+def assert_same(a, b):
+    for x, y in zip(a[0].values(), b[0].values(), strict=True):
+        np.testing.assert_array_equal(x, y)
+    for x, y in zip(a[1], b[1], strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+BAD_CALLS = {
+    "batch_size zero": (lambda t, g: t.step(g, batch_size=0), ValueError, "batch_size"),
+    "batch_size str": (lambda t, g: t.step(g, batch_size="4"), TypeError, "batch_size"),
+    "missing leaf": (
+        lambda t, g: t.step({k: v for k, v in g.items() if k != "l2/W"}),
+        KeyError,
+        "l2/W",
+    ),
+    "wrong shape": (lambda t, g: t.step({**g, "l1/b": jnp.ones(3)}), ValueError, "l1/b"),
+    "wrong dtype": (
+        lambda t, g: t.step({**g, "out/b": jnp.ones(1, jnp.bfloat16)}),
+        ValueError,
+        "out/b",
+    ),
+    "non-scalar loss": (
+        lambda t, g: t.train_step(lambda p, x, y: x @ p["l1"]["W"], X, Y),
+        TypeError,
+        "scalar",
+    ),
+    "lr negative": (lambda t, g: t.set_learning_rate(-1.0), ValueError, "learning rate"),
+    "lr nan": (lambda t, g: t.set_learning_rate(float("nan")), ValueError, "learning rate"),
+    "override typo": (lambda t, g: t.set_lr_mult({"l1/w": 0.1}), KeyError, "l1/W"),
+    "override negative": (lambda t, g: t.set_wd_mult({"l1/W": -0.1}), ValueError, "wd_mult"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_CALLS)
+def test_a_failed_call_changes_nothing(case):
+    call, exc, match = BAD_CALLS[case]
+    pd = ParamDict.from_pytree(mlp_tree())
+    trainer = Trainer(pd, "adam", {"learning_rate": 0.01})
+    grads = {n: jnp.ones(p.shape) for n, p in pd.items()}
+    trainer.step(grads)
+    before = snapshot(trainer)
+    with pytest.raises(exc, match=match):
+        call(trainer, grads)
+    assert_same(snapshot(trainer), before)
+    # the next valid step gives what it would have given without the bad call
+    pd2 = ParamDict.from_pytree(mlp_tree())
+    twin = Trainer(pd2, "adam", {"learning_rate": 0.01})
+    twin.step(grads)
+    trainer.step(grads)
+    twin.step(grads)
+    assert_same(snapshot(trainer), snapshot(twin))
+
+
+@pytest.mark.parametrize(
+    "optimizer, params, exc, match",
+    [
+        ("adm", {}, ValueError, "did you mean 'adam'"),
+        ("sgd", {"momentun": 0.9}, ValueError, "did you mean 'momentum'"),
+        ("sgd", {"learning_rate": -0.1}, ValueError, "learning rate"),
+        ("sgd", {"clip_gradient": 0}, ValueError, "clip_gradient"),
+        ("adam", {"beta3": 0.1}, ValueError, "beta3"),
+        (3, {}, TypeError, "optimizer"),
+    ],
+)
+def test_bad_trainer_construction(optimizer, params, exc, match):
+    pd = ParamDict.from_pytree(mlp_tree())
+    with pytest.raises(exc, match=match):
+        Trainer(pd, optimizer, params)
+
+
+def test_set_learning_rate_under_a_schedule_is_refused():
+    pd = ParamDict.from_pytree(mlp_tree())
+    trainer = Trainer(pd, "sgd", {"learning_rate": optax.constant_schedule(0.1)})
+    with pytest.raises(ValueError, match="schedule"):
+        trainer.set_learning_rate(0.2)
+
+
+def test_integer_parameter_must_be_frozen_to_train():
+    pd = ParamDict.from_pytree({"w": jnp.ones(2), "step": jnp.zeros((), jnp.int32)})
+    with pytest.raises(TypeError, match="'step'.*freeze"):
+        Trainer(pd, "sgd")
+    pd["step"].frozen = True
+    Trainer(pd, "sgd").step({"w": jnp.ones(2)})
+
+
+def test_one_parameter_cannot_be_stored_under_two_names():
+    p = lrmult.Parameter(jnp.ones(2))
+    a = ParamDict({"a": p})
+    assert p.name == "a"
+    with pytest.raises(ValueError, match="named 'a' is stored under key 'c'"):
+        ParamDict({"c": p})
+    assert list(a) == ["a"]
