@@ -70,7 +70,9 @@ def check_grad_req(value: Any, name: str | None) -> bool:
 
 def _as_array(value: Any, name: str | None) -> jax.Array:
     if isinstance(value, jax.Array):
-        return value
+        # A weakly typed value (jnp.full(n, 2.0)) would come back from the jitted step strongly
+        # typed, and the second step would recompile: make it strong now.
+        return jnp.asarray(value, dtype=value.dtype) if value.weak_type else value
     if isinstance(value, (np.ndarray, np.generic, float, int)) and not isinstance(value, bool):
         return jnp.asarray(value)
     raise TypeError(

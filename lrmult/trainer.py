@@ -336,7 +336,7 @@ class Trainer:
                 trainable[name] = p._value
             else:
                 # The user still holds this array: give the donating step a copy of its own.
-                trainable[name] = jnp.copy(p._value)
+                trainable[name] = jnp.array(p._value, dtype=p._value.dtype, copy=True)
         return trainable, frozen
 
     def _write_back(self, new: Mapping[str, Any]) -> None:
@@ -384,7 +384,7 @@ class Trainer:
                     f"step: gradient of {name!r} has dtype {g.dtype}, the parameter has "
                     f"{p.dtype}; cast it with .astype({str(p.dtype)!r})"
                 )
-            out[name] = g
+            out[name] = jnp.asarray(g, dtype=g.dtype) if getattr(g, "weak_type", False) else g
         return out
 
     def step(self, grads: Any, batch_size: int | float = 1) -> None:

@@ -342,3 +342,14 @@ def test_one_parameter_cannot_be_stored_under_two_names():
     with pytest.raises(ValueError, match="named 'a' is stored under key 'c'"):
         ParamDict({"c": p})
     assert list(a) == ["a"]
+
+
+def test_weakly_typed_user_arrays_do_not_cause_a_second_compile(compiles):
+    pd = ParamDict.from_pytree({"w": jnp.full((3,), 2.0), "b": jnp.zeros(3) + 1.0})
+    trainer = Trainer(pd, "sgd", {"learning_rate": 0.1})
+    trainer.step({"w": jnp.ones(3), "b": jnp.ones(3)})
+    counter = compiles()
+    trainer.step({"w": jnp.ones(3), "b": jnp.ones(3)})
+    pd["w"].set_data(jnp.full((3,), 5.0))
+    trainer.step({"w": jnp.ones(3), "b": jnp.ones(3)})
+    assert counter("lrmult_apply_step") == 0
