@@ -1,4 +1,4 @@
-"""The optax level: transformations, ready chains inside optax.chain / inject_hyperparams, refresh."""
+"""The optax level: transformations, ready chains in optax.chain / inject_hyperparams, refresh."""
 
 import warnings
 
