@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Iterator, Mapping
 from typing import Any, NamedTuple
@@ -245,6 +246,19 @@ class ParamDict(Mapping[str, Parameter]):
     def arrays(self) -> dict[str, jax.Array]:
         """`{name: value}` in this dict's order."""
         return {name: p.data() for name, p in self._params.items()}
+
+    # -- checkpoints ------------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> None:
+        """Save the values with orbax (a new step in the checkpoint directory at `path`)."""
+        from lrmult import checkpoint
+
+        checkpoint.save_params(self, path)
+
+    def load(self, path: str | os.PathLike) -> None:
+        """Load the latest values saved at `path`; names, shapes and dtypes must match exactly."""
+        from lrmult import checkpoint
+
+        checkpoint.load_params(self, path)
 
     # -- display -----------------------------------------------------------------------------------
     def table(self) -> Table:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -130,6 +131,7 @@ class Trainer:
         clip = _check_clip("clip_gradient", opts.pop("clip_gradient", None))
         clip_norm = _check_clip("clip_global_norm", opts.pop("clip_global_norm", None))
         direction = self._direction(optimizer, opts)
+        self._description += f" clip_gradient={clip} clip_global_norm={clip_norm}"
         lr = self._lr
         self._schedule = callable(lr)
         prefix = [
@@ -158,7 +160,9 @@ class Trainer:
     def _direction(self, optimizer: Any, opts: dict[str, Any]) -> Callable[[Any], Any]:
         """Validate `optimizer` / `optimizer_params`; return learning_rate -> transformation."""
         pd = self._params
-        overrides = {"lr_mult": self._lr_overrides, "wd_mult": self._wd_overrides}
+        # The override dicts are not handed to the chain: inject_hyperparams rebuilds the chain at
+        # every update, and its structure must not depend on them. `_sync` writes their effect
+        # into the state instead.
         if isinstance(optimizer, str):
             key = optimizer.lower()
             if key not in OPTIMIZERS:
@@ -180,9 +184,12 @@ class Trainer:
                 kwargs[arg] = v
             self._lr = kwargs.pop("learning_rate", _DEFAULT_LR[key])
             self._check_lr_arg(self._lr)
+            self._description = (
+                f"{key}({', '.join(f'{k}={v!r}' for k, v in sorted(kwargs.items()))})"
+            )
 
             def direction(learning_rate):
-                return factory(learning_rate, **kwargs, param_dict=pd, **overrides)
+                return factory(learning_rate, **kwargs, param_dict=pd)
 
             return direction
         if isinstance(optimizer, optax.GradientTransformation):
@@ -195,15 +202,16 @@ class Trainer:
                     f"clip_gradient, clip_global_norm"
                 )
             self._lr = opts.get("learning_rate")
+            self._description = "a custom optax transformation"
             if self._lr is not None:
                 self._check_lr_arg(self._lr)
             wd = opts.get("wd", 0.0)
 
             def direction(learning_rate):
                 links = [
-                    add_decayed_weights(wd, pd, wd_mult=overrides["wd_mult"]) if wd else None,
+                    add_decayed_weights(wd, pd) if wd else None,
                     optimizer,
-                    scale_by_lr_mult(pd, lr_mult=overrides["lr_mult"]),
+                    scale_by_lr_mult(pd),
                     optax.scale_by_learning_rate(learning_rate)
                     if learning_rate is not None
                     else None,
@@ -300,6 +308,49 @@ class Trainer:
             self._leaves, self._params, self._lr_overrides, self._wd_overrides, base
         )
         return Table(rows, title=f"Trainer.explain (base learning rate {base:.6g})")
+
+    # -- checkpoints ------------------------------------------------------------------------------
+    def save_states(self, path: str | os.PathLike) -> None:
+        """Save the optimizer state, step count, learning rate, every Parameter's multipliers and
+        frozen flag (and whether each was set) and the override dicts, with orbax.
+
+        Parameter values are saved separately, by `params.save(path)`. Each call adds a new step
+        to the checkpoint directory; the two latest are kept.
+        """
+        from lrmult import checkpoint
+
+        checkpoint.save_trainer(self, path)
+
+    def load_states(self, path: str | os.PathLike) -> None:
+        """Restore what `save_states` saved; training then continues bit for bit.
+
+        The saved `lr_mult` / `wd_mult` / `frozen` (set or unset) are written back onto the
+        Parameters. A checkpoint whose parameter names, shapes or dtypes (or optimizer) differ is
+        refused, naming the first mismatch, before anything changes; a missing path is a
+        `FileNotFoundError`.
+        """
+        from lrmult import checkpoint
+
+        checkpoint.load_trainer(self, path)
+
+    def _restore_state(self, arrays: Mapping[str, Any]) -> None:
+        """Take the saved arrays into a state built for the Parameters' current frozen set."""
+        self._check_trainable_dtypes()
+        state = _refresh(
+            self._opt_state,
+            self._params,
+            overrides={"lr_mult": self._lr_overrides, "wd_mult": self._wd_overrides},
+            warned=set(),
+        )
+        flat, treedef = jax.tree_util.tree_flatten_with_path(state)
+        leaves = []
+        for path, leaf in flat:
+            saved = arrays.get(jax.tree_util.keystr(path))
+            alike = saved is not None and saved.shape == leaf.shape and saved.dtype == leaf.dtype
+            leaves.append(saved if alike else leaf)
+        self._opt_state = jax.tree.unflatten(treedef, leaves)
+        self._seen_version = _parameter.metadata_version()
+        self._dirty = False
 
     # -- stepping ---------------------------------------------------------------------------------
     def _check_trainable_dtypes(self) -> None:

@@ -353,3 +353,11 @@ def test_weakly_typed_user_arrays_do_not_cause_a_second_compile(compiles):
     pd["w"].set_data(jnp.full((3,), 5.0))
     trainer.step({"w": jnp.ones(3), "b": jnp.ones(3)})
     assert counter("lrmult_apply_step") == 0
+
+
+def test_set_wd_mult_without_weight_decay_keeps_the_chain_intact():
+    pd = ParamDict.from_pytree({"a": jnp.ones(2), "b": jnp.ones(2)})
+    trainer = Trainer(pd, "adam", {"learning_rate": 0.1})
+    trainer.set_wd_mult({"a": 3.0})  # λ = 0: no effect, but no broken state either
+    trainer.step({"a": jnp.ones(2), "b": jnp.ones(2)})
+    np.testing.assert_allclose(pd["a"].data(), pd["b"].data())

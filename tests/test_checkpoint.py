@@ -1,0 +1,223 @@
+"""Checkpoints: bit-identical resume in a fresh process, refusals, interrupted saves."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lrmult import ParamDict, Trainer
+
+SETUP = textwrap.dedent(
+    """
+    import sys
+    import jax, jax.numpy as jnp, numpy as np, optax
+    from lrmult import ParamDict, Trainer
+
+    def build():
+        k = jax.random.split(jax.random.PRNGKey(0), 3)
+        pd = ParamDict.from_pytree({
+            "l1": {"W": jax.random.normal(k[0], (3, 8)), "b": jnp.zeros(8)},
+            "l2": {"W": jax.random.normal(k[1], (8, 1)), "b": jnp.zeros(1)},
+            "emb": jax.random.normal(k[2], (4, 3)),
+        })
+        pd["l1/W"].lr_mult = 0.3
+        pd.select(".*b$").setattr("wd_mult", 0.0)
+        pd["emb"].frozen = True
+        schedule = optax.cosine_decay_schedule(0.05, 20)
+        trainer = Trainer(pd, "adamw", {"learning_rate": schedule, "wd": 0.01,
+                                        "clip_global_norm": 1.0})
+        trainer.set_lr_mult({"l2/W": 2.0})
+        return pd, trainer
+
+    def loss_fn(p, x, y):
+        h = jnp.tanh((x @ p["emb"]) @ p["l1"]["W"] + p["l1"]["b"])
+        return jnp.mean((h @ p["l2"]["W"] + p["l2"]["b"] - y) ** 2)
+
+    x = jnp.linspace(-1, 1, 20).reshape(5, 4)
+    y = jnp.sin(x[:, :1])
+    """
+)
+
+
+def run(script, *args, check=True):
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    return subprocess.run(
+        [sys.executable, "-c", SETUP + textwrap.dedent(script), *map(str, args)],
+        check=check,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=240,
+    )
+
+
+def test_save_five_steps_then_load_in_a_fresh_process_equals_ten_straight_steps(tmp_path):
+    run(
+        """
+        pd, trainer = build()
+        for _ in range(10):
+            trainer.train_step(loss_fn, x, y)
+        np.savez(sys.argv[1], **{k: np.asarray(v) for k, v in pd.arrays().items()})
+        """,
+        tmp_path / "straight.npz",
+    )
+    run(
+        """
+        pd, trainer = build()
+        for _ in range(5):
+            trainer.train_step(loss_fn, x, y)
+        pd.save(sys.argv[1] + "/params")
+        trainer.save_states(sys.argv[1] + "/trainer")
+        """,
+        tmp_path,
+    )
+    run(
+        """
+        pd, trainer = build()
+        pd["l1/W"].lr_mult = 5.0          # overwritten by the checkpoint
+        trainer.set_lr_mult({}, replace=True)
+        pd.load(sys.argv[1] + "/params")
+        trainer.load_states(sys.argv[1] + "/trainer")
+        assert pd["l1/W"].lr_mult == 0.3
+        assert {r.name: r.lr_source for r in trainer.explain()}["l2/W"] == "name"
+        for _ in range(5):
+            trainer.train_step(loss_fn, x, y)
+        np.savez(sys.argv[2], **{k: np.asarray(v) for k, v in pd.arrays().items()})
+        """,
+        tmp_path,
+        tmp_path / "resumed.npz",
+    )
+    straight = np.load(tmp_path / "straight.npz")
+    resumed = np.load(tmp_path / "resumed.npz")
+    assert sorted(straight) == sorted(resumed)
+    for name in straight:
+        np.testing.assert_array_equal(resumed[name], straight[name], err_msg=name)
+    assert not np.array_equal(straight["l1/W"], resumed["emb"][:3, :3])  # a real comparison
+
+
+def small(**meta):
+    pd = ParamDict.from_pytree({"a": jnp.ones(3), "b": jnp.zeros((2, 2))})
+    for k, v in meta.items():
+        setattr(pd["a"], k, v)
+    return pd, Trainer(pd, "adam", {"learning_rate": 0.1})
+
+
+def test_load_writes_back_set_and_unset_metadata(tmp_path):
+    pd, trainer = small(lr_mult=0.5)
+    pd["b"].frozen = True
+    trainer.set_wd_mult({"b": 0.0})
+    trainer.step({"a": jnp.ones(3)})
+    trainer.save_states(tmp_path / "ck")
+    pd2, trainer2 = small(wd_mult=3.0)
+    trainer2.load_states(tmp_path / "ck")
+    assert pd2["a"].is_set("lr_mult") and pd2["a"].lr_mult == 0.5
+    assert not pd2["a"].is_set("wd_mult")
+    assert pd2["b"].frozen and pd2["b"].is_set("frozen")
+    assert {r.name: r.wd_source for r in trainer2.explain()}["b"] == "name"
+
+
+@pytest.mark.parametrize(
+    "tree, match",
+    [
+        ({"a": jnp.ones(3), "c": jnp.zeros((2, 2))}, "parameter 1 is 'c' here and 'b'"),
+        ({"a": jnp.ones(4), "b": jnp.zeros((2, 2))}, r"'a' has shape \(4,\) here and \(3,\)"),
+        ({"a": jnp.ones(3), "b": jnp.zeros((2, 2), jnp.bfloat16)}, "'b' has dtype bfloat16"),
+        ({"a": jnp.ones(3)}, "'b' is in the checkpoint only"),
+    ],
+)
+def test_mismatched_checkpoint_is_refused_before_anything_changes(tmp_path, tree, match):
+    pd, trainer = small()
+    trainer.step({"a": jnp.ones(3), "b": jnp.ones((2, 2))})
+    trainer.save_states(tmp_path / "ck")
+    pd.save(tmp_path / "values")
+    other = ParamDict.from_pytree(tree)
+    other["a"].lr_mult = 7.0
+    twin = Trainer(other, "adam", {"learning_rate": 0.1})
+    state_before = [np.asarray(v) for v in jax_leaves(twin.opt_state)]
+    with pytest.raises(ValueError, match=match):
+        twin.load_states(tmp_path / "ck")
+    with pytest.raises(ValueError, match=match):
+        other.load(tmp_path / "values")
+    assert other["a"].lr_mult == 7.0
+    for a, b in zip(state_before, jax_leaves(twin.opt_state), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def jax_leaves(tree):
+    import jax
+
+    return jax.tree.leaves(tree)
+
+
+def test_other_optimizer_is_refused(tmp_path):
+    pd, trainer = small()
+    trainer.save_states(tmp_path / "ck")
+    with pytest.raises(ValueError, match="optimizer adam"):
+        Trainer(pd, "sgd", {"learning_rate": 0.1}).load_states(tmp_path / "ck")
+
+
+def test_missing_path_is_file_not_found(tmp_path):
+    pd, trainer = small()
+    with pytest.raises(FileNotFoundError):
+        trainer.load_states(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError):
+        pd.load(tmp_path / "nowhere")
+
+
+def test_frozen_set_changed_after_load_keeps_state_and_starts_fresh_leaves(tmp_path):
+    pd, trainer = small()
+    pd["b"].frozen = True
+    for _ in range(3):
+        trainer.step({"a": jnp.ones(3)})
+    trainer.save_states(tmp_path / "ck")
+    pd2, trainer2 = small()  # b trainable here: the checkpoint's frozen flag wins on load
+    trainer2.load_states(tmp_path / "ck")
+    assert pd2["b"].frozen
+    pd2["b"].frozen = False
+    trainer2.step({"a": jnp.ones(3), "b": jnp.ones((2, 2))})
+    counts = {k: int(v.count) for k, v in trainer2.opt_state.inner_state[0].inner[0].items()}
+    assert counts == {"a": 4, "b": 1}
+
+
+def test_a_save_killed_part_way_leaves_the_previous_checkpoint_loadable(tmp_path):
+    pd, trainer = small(lr_mult=0.25)
+    trainer.step({"a": jnp.ones(3), "b": jnp.ones((2, 2))})
+    trainer.save_states(tmp_path / "ck")
+    script = """
+        import orbax.checkpoint._src.path.async_path as async_path
+        async def stuck_rename(*args, **kwargs):
+            print("renaming", flush=True)
+            time.sleep(60)
+        async_path.rename = stuck_rename
+        import time
+        pd = ParamDict.from_pytree({"a": jnp.ones(3), "b": jnp.zeros((2, 2))})
+        trainer = Trainer(pd, "adam", {"learning_rate": 0.1})
+        print("saving", flush=True)
+        trainer.save_states(sys.argv[1])
+        """
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    child = subprocess.Popen(
+        [sys.executable, "-c", SETUP + "import time\n" + textwrap.dedent(script), tmp_path / "ck"],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    deadline = time.time() + 120
+    seen = []
+    while time.time() < deadline:
+        line = child.stdout.readline()
+        seen.append(line)
+        if "renaming" in line or not line:
+            break
+    child.send_signal(signal.SIGKILL)
+    child.wait(timeout=30)
+    assert any("renaming" in s for s in seen)  # killed after writing, before the commit
+    pd2, trainer2 = small()
+    trainer2.load_states(tmp_path / "ck")
+    assert pd2["a"].lr_mult == 0.25
