@@ -64,13 +64,32 @@ jax.tree_util.register_pytree_with_keys(
 )
 
 
+def _scalar(value: float, like: Any) -> jax.Array:
+    """A float32 scalar placed where `like` lives: replicated over its mesh, or on its device.
+
+    Multipliers are inputs of the jitted step; giving them the placement of the parameters keeps
+    the step's input signature stable (no recompilation when one changes) and adds no collective.
+    """
+    sharding = getattr(like, "sharding", None)
+    if isinstance(sharding, jax.sharding.NamedSharding):
+        sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+    elif not getattr(like, "committed", False) or len(sharding.device_set) > 1:
+        sharding = None  # let jit place it
+    return jax.device_put(np.float32(value), sharding)
+
+
+def _host_value(x: jax.Array) -> float:
+    """A scalar's value, also when the array spans processes (read the local copy)."""
+    return float(np.asarray(x.addressable_data(0)))
+
+
 def _multiplier_tree(attr: str, tree: Any, link: _Link, leaves: list[lookup.Leaf], overrides):
     """float32 scalars for every array leaf of `tree` (0 for frozen leaves); FrozenLeaf stays."""
     values = lookup.resolve(attr, leaves, link.param_dict, overrides)
     frozen = lookup.resolve("frozen", leaves, link.param_dict)
     flat, treedef = _flatten(tree)
     out = [
-        x if is_frozen_leaf(x) else jax.device_put(np.float32(0.0 if fz else v))
+        x if is_frozen_leaf(x) else _scalar(0.0 if fz else v, x)
         for x, (v, _), (fz, _) in zip(flat, values, frozen, strict=True)
     ]
     return jax.tree.unflatten(treedef, out)
@@ -348,10 +367,10 @@ def _refresh_mult(
     out = []
     for old, (v, _), (fz, _) in zip(flat, values, frozen, strict=True):
         new = np.float32(0.0 if fz else v)
-        if is_frozen_leaf(old) or np.float32(old) == new:
+        if is_frozen_leaf(old) or np.float32(_host_value(old)) == new:
             out.append(old)
         else:
-            out.append(jax.device_put(new))
+            out.append(_scalar(new, old))
     new_link = (
         link if pd is link.param_dict else _Link(link.attr, link.overrides, link.idx2name, pd)
     )
