@@ -1,5 +1,7 @@
 """lrmult: MXNet Gluon's per-parameter lr_mult, wd_mult and frozen for JAX, on optax."""
 
+from lrmult import presets
+from lrmult.flax_interop import NNXTrainer, from_linen, from_nnx, refresh_optimizer
 from lrmult.lookup import ExplainRow, FrozenLeaf
 from lrmult.optimizers import adagrad, adam, adamw, lamb, lion, nag, rmsprop, sgd
 from lrmult.paramdict import ParamDict
@@ -17,6 +19,7 @@ from lrmult.transforms import (
 __all__ = [
     "ExplainRow",
     "FrozenLeaf",
+    "NNXTrainer",
     "ParamDict",
     "Parameter",
     "Trainer",
@@ -25,11 +28,15 @@ __all__ = [
     "adamw",
     "add_decayed_weights",
     "explain",
+    "from_linen",
+    "from_nnx",
     "lamb",
     "lion",
     "nag",
     "per_leaf",
+    "presets",
     "refresh",
+    "refresh_optimizer",
     "rmsprop",
     "scale_by_lr_mult",
     "sgd",

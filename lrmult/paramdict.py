@@ -94,6 +94,17 @@ class ParamDict(Mapping[str, Parameter]):
         out._structure = (treedef, names)
         return out
 
+    @classmethod
+    def from_nnx(cls, model: Any, wrt: Any = None, *, prefix: str = "") -> ParamDict:
+        """One Parameter per `nnx.Param` (or `wrt` Variable) of a flax NNX module.
+
+        See `lrmult.from_nnx`: names are attribute paths (`layers/0/kernel`), Variable metadata
+        `lr_mult` / `wd_mult` / `frozen` seeds the Parameters, `tree()` is a pure `nnx.State`.
+        """
+        from lrmult.flax_interop import from_nnx
+
+        return from_nnx(model, wrt, prefix=prefix)
+
     def _add(self, name: str, param: Parameter) -> None:
         self._index[name] = len(self._params)
         self._params[name] = param

@@ -21,7 +21,14 @@ from lrmult.lookup import FrozenLeaf, is_frozen_leaf
 from lrmult.optimizers import OPTIMIZERS
 from lrmult.paramdict import ParamDict
 from lrmult.parameter import Parameter
-from lrmult.transforms import _refresh, add_decayed_weights, scale_by_lr_mult, trainable_only
+from lrmult.transforms import (
+    _host_value,
+    _refresh,
+    _scalar,
+    add_decayed_weights,
+    scale_by_lr_mult,
+    trainable_only,
+)
 
 # Gluon's optimizer_params keys -> the ready chains' argument names.
 _GLUON_KEYS = {"wd": "weight_decay", "beta1": "b1", "beta2": "b2", "epsilon": "eps"}
@@ -246,8 +253,8 @@ class Trainer:
         if self._lr is None:
             return None
         if self._schedule:
-            return float(self._lr(self._opt_state.count))
-        return float(self._opt_state.hyperparams["learning_rate"])
+            return float(self._lr(int(_host_value(self._opt_state.count))))
+        return _host_value(self._opt_state.hyperparams["learning_rate"])
 
     def set_learning_rate(self, lr: float) -> None:
         """Set the base learning rate; takes effect at the next step, without recompiling."""
@@ -264,7 +271,9 @@ class Trainer:
         lr = _check_lr(lr, "set_learning_rate")
         state = self._opt_state
         hyper = dict(state.hyperparams)
-        hyper["learning_rate"] = jnp.asarray(lr, dtype=hyper["learning_rate"].dtype)
+        old = hyper["learning_rate"]
+        # Same dtype and placement as before: the jitted step sees the same input signature.
+        hyper["learning_rate"] = _scalar(lr, old, old.dtype)
         self._opt_state = state._replace(hyperparams=hyper)
 
     # -- the lookup chain's override dicts --------------------------------------------------------
@@ -423,6 +432,8 @@ class Trainer:
             if name not in flat:
                 raise KeyError(f"step: no gradient for parameter {name!r}")
             g = flat[name]
+            if isinstance(g, np.generic):
+                g = np.asarray(g)
             if not isinstance(g, (jax.Array, np.ndarray)):
                 raise TypeError(f"step: gradient of {name!r} is a {type(g).__name__}, not an array")
             if tuple(g.shape) != p.shape:

@@ -64,7 +64,7 @@ jax.tree_util.register_pytree_with_keys(
 )
 
 
-def _scalar(value: float, like: Any) -> jax.Array:
+def _scalar(value: float, like: Any, dtype: Any = np.float32) -> jax.Array:
     """A float32 scalar placed where `like` lives: replicated over its mesh, or on its device.
 
     Multipliers are inputs of the jitted step; giving them the placement of the parameters keeps
@@ -74,8 +74,8 @@ def _scalar(value: float, like: Any) -> jax.Array:
     if isinstance(sharding, jax.sharding.NamedSharding):
         sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
     elif not getattr(like, "committed", False) or len(sharding.device_set) > 1:
-        sharding = None  # let jit place it
-    return jax.device_put(np.float32(value), sharding)
+        sharding = None  # uncommitted, as jit's outputs are when its inputs were
+    return jax.device_put(np.asarray(value, dtype), sharding)
 
 
 def _host_value(x: jax.Array) -> float:

@@ -361,3 +361,10 @@ def test_set_wd_mult_without_weight_decay_keeps_the_chain_intact():
     trainer.set_wd_mult({"a": 3.0})  # λ = 0: no effect, but no broken state either
     trainer.step({"a": jnp.ones(2), "b": jnp.ones(2)})
     np.testing.assert_allclose(pd["a"].data(), pd["b"].data())
+
+
+def test_numpy_scalar_gradient_for_a_scalar_parameter():
+    pd = ParamDict.from_pytree({"s": jnp.float32(1.0), "v": jnp.ones(2)})
+    trainer = Trainer(pd, "sgd", {"learning_rate": 0.1})
+    trainer.step({"s": np.float32(2.0), "v": np.ones(2, np.float32)})
+    assert float(pd["s"].data()) == pytest.approx(1 - 0.2)

@@ -1,0 +1,340 @@
+"""flax interop: ParamDicts from NNX modules and Linen params, and a Trainer that drives NNX.
+
+- `from_nnx(model)`: one Parameter per `nnx.Param` of a module, named by its attribute path
+  (`layers/0/kernel`); `lr_mult` / `wd_mult` / `frozen` / `grad_req` given as Variable metadata
+  (`nnx.Param(x, lr_mult=0.1)`) seed the Parameters.
+- `from_linen(variables["params"])`: names leaves through Linen's metadata boxes
+  (`nn.Partitioned`, `nn.LogicallyPartitioned`), so `Dense_0/kernel` and not
+  `Dense_0/kernel/value`, while `tree()` gives the boxes back: `nn.get_partition_spec` and
+  `model.apply` keep working on it.
+- `NNXTrainer(model, ...)`: Gluon's `Trainer` on an NNX module, updated in place.
+- `refresh_optimizer(optimizer)`: `lrmult.refresh` for an `nnx.Optimizer` built on a ready chain.
+
+flax is imported on first use, so `import lrmult` stays light.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import numpy as np
+
+from lrmult._names import path_name
+from lrmult.lookup import is_frozen_leaf
+from lrmult.paramdict import ParamDict
+from lrmult.trainer import Trainer
+from lrmult.transforms import refresh
+
+# Variable metadata keys that seed a Parameter's attributes, in the order they are applied.
+_METADATA = ("lr_mult", "wd_mult", "frozen", "grad_req")
+
+
+def _nnx():
+    from flax import nnx
+
+    return nnx
+
+
+def _variables(model: Any, wrt: Any) -> dict[str, Any]:
+    """`{name: Variable}` of the `wrt` Variables of `model` (the model's own objects)."""
+    nnx = _nnx()
+    state = nnx.state(model, wrt)
+    flat = jax.tree_util.tree_flatten_with_path(
+        state, is_leaf=lambda x: isinstance(x, nnx.Variable)
+    )[0]
+    return {path_name(path): var for path, var in flat}
+
+
+def from_nnx(model: Any, wrt: Any = None, *, prefix: str = "") -> ParamDict:
+    """One Parameter per `wrt` Variable (default `nnx.Param`) of an NNX module.
+
+    Names are attribute paths joined with `/` (`encoder/layers/0/kernel`), as in
+    `nnx.state(model, wrt)`; a Variable shared by two attributes is one Parameter. Variable
+    metadata `lr_mult`, `wd_mult`, `frozen` or `grad_req` (`nnx.Param(x, lr_mult=0.1)`,
+    `nnx.with_metadata(init, wd_mult=0.0)`) is copied onto the Parameter once, here.
+
+    Args:
+      model: an `nnx.Module` (or any NNX graph node).
+      wrt: an nnx filter choosing the Variables to train; `None` means `nnx.Param`.
+      prefix: prepended to every name as is.
+
+    Returns:
+      A ParamDict whose `tree()` is a pure `nnx.State` (arrays, no Variables):
+      `nnx.update(model, params.tree())` writes the values back.
+
+    Example:
+      >>> params = lrmult.from_nnx(model)
+      >>> params.select("backbone/").setattr("lr_mult", 0.1)
+    """
+    nnx = _nnx()
+    if not isinstance(model, nnx.Pytree):
+        raise TypeError(f"from_nnx: expected an nnx.Module, got {type(model).__name__}")
+    wrt = nnx.Param if wrt is None else wrt
+    variables = _variables(model, wrt)
+    if not variables:
+        raise ValueError(f"from_nnx: the model holds no Variable matching wrt={wrt!r}")
+    pure = nnx.as_pure(nnx.state(model, wrt))
+    for name, var in variables.items():
+        value = var.get_value()
+        if not isinstance(value, jax.Array | np.ndarray):
+            raise TypeError(
+                f"from_nnx: Variable {prefix + name!r} holds a {type(value).__name__}, "
+                f"not an array; narrow wrt= to the Variables you train"
+            )
+    params = ParamDict.from_pytree(pure, prefix=prefix)
+    for name, var in variables.items():
+        meta = var.get_metadata()
+        for attr in _METADATA:
+            if attr in meta:
+                setattr(params[prefix + name], attr, meta[attr])  # validated, naming the param
+    return params
+
+
+def _is_box(x: Any) -> bool:
+    from flax.core import meta
+
+    return isinstance(x, meta.AxisMetadata)
+
+
+def from_linen(params: Any, *, prefix: str = "") -> ParamDict:
+    """One Parameter per leaf of Linen params, seen through their metadata boxes.
+
+    `nn.with_partitioning` (and `nn.with_logical_partitioning`) wrap leaves in boxes whose
+    array sits at `.value`; names stop at the box (`Dense_0/kernel`), values are the unboxed
+    arrays, and `tree()` rebuilds the boxes around the current values, so the sharding
+    annotations survive training: `nn.get_partition_spec(params.tree())`,
+    `nn.logical_to_mesh_sharding(...)` and `model.apply({"params": params.tree()}, x)` work.
+
+    Args:
+      params: `variables["params"]` of a Linen model, boxed or not.
+      prefix: prepended to every name as is.
+
+    Returns:
+      A ParamDict whose `tree()` has the structure of `params`, boxes included.
+    """
+    from flax.core import meta
+
+    if isinstance(params, Mapping) and "params" in params:
+        raise ValueError(
+            "from_linen: got a variables dict (it has a 'params' collection); "
+            "pass variables['params']"
+        )
+    boxed = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_box)[0]
+    if not boxed:
+        raise ValueError("from_linen: the tree has no array leaves")
+    out = ParamDict.from_pytree(meta.unbox(params), prefix=prefix)
+    treedef = jax.tree.structure(params)
+    names = [prefix + path_name(path) for path, _ in boxed]
+    if treedef.num_leaves != len(out) or names != list(out):
+        raise ValueError(
+            "from_linen: a metadata box holds more than one array; unbox the tree first "
+            "(flax.core.meta.unbox) and use ParamDict.from_pytree"
+        )
+    # The boxes' metadata (names, mesh, rules) is static data of the treedef: keep it as the
+    # dict's structure, so tree() re-boxes the current values.
+    out._structure = (treedef, names)
+    return out
+
+
+class NNXTrainer(Trainer):
+    """Gluon's `Trainer` driving a flax NNX module, whose Variables it updates in place.
+
+    The module stays the source of truth: values you assign to it between steps are picked up,
+    and after every step its `wrt` Variables hold the new values (arrays that stay valid after
+    later steps). Other Variables (batch statistics, RNG counters) changed by the loss function
+    are written back too. Frozen parameters are not differentiated.
+
+    Args:
+      model: the `nnx.Module` to train.
+      params: the ParamDict from `from_nnx(model, wrt)` carrying your multipliers, or `None` to
+        build it (then set multipliers on `trainer.params`).
+      optimizer: as for `Trainer` (a name or an `optax.GradientTransformation`).
+      optimizer_params: as for `Trainer` (Gluon's keys).
+      wrt: the nnx filter of the Variables to train; `None` means `nnx.Param`.
+
+    Example:
+      >>> trainer = lrmult.NNXTrainer(model, None, "adamw", {"learning_rate": 1e-3})
+      >>> trainer.params.select(".*bias").setattr("wd_mult", 0.0)
+      >>> loss = trainer.train_step(lambda m, x, y: jnp.mean((m(x) - y) ** 2), x, y)
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        params: ParamDict | None = None,
+        optimizer: Any = "sgd",
+        optimizer_params: Mapping[str, Any] | None = None,
+        *,
+        wrt: Any = None,
+    ) -> None:
+        nnx = _nnx()
+        if not isinstance(model, nnx.Pytree):
+            raise TypeError(f"NNXTrainer: expected an nnx.Module, got {type(model).__name__}")
+        wrt = nnx.Param if wrt is None else wrt
+        if params is None:
+            params = from_nnx(model, wrt)
+        elif not isinstance(params, ParamDict):
+            raise TypeError(
+                f"NNXTrainer: params must be a ParamDict from lrmult.from_nnx(model), "
+                f"got {type(params).__name__}"
+            )
+        self._model = model
+        self._wrt = wrt
+        self._check_names(list(_variables(model, wrt)), list(params))
+        super().__init__(params, optimizer, optimizer_params)
+        # The array each model Variable held when last seen: another one was assigned by the user.
+        self._pushed = {n: v.get_value() for n, v in _variables(model, wrt).items()}
+        self._nnx_losses: dict[Any, Callable] = {}
+
+    @property
+    def model(self) -> Any:
+        """The NNX module this Trainer updates."""
+        return self._model
+
+    @staticmethod
+    def _check_names(model_names: list[str], names: list[str]) -> None:
+        missing = [n for n in model_names if n not in set(names)]
+        extra = [n for n in names if n not in set(model_names)]
+        if missing or extra:
+            what = (
+                f"the model's Variable {missing[0]!r} has no Parameter"
+                if missing
+                else f"Parameter {extra[0]!r} names no Variable of the model"
+            )
+            raise ValueError(
+                f"NNXTrainer: {what}; build params with lrmult.from_nnx(model, wrt) (no prefix) "
+                f"and freeze what should not train"
+            )
+
+    def _pull(self) -> None:
+        """Take into the Parameters the arrays assigned to the model since the last step."""
+        variables = _variables(self._model, self._wrt)
+        self._check_names(list(variables), list(self.params))
+        for name, var in variables.items():
+            value = var.get_value()
+            if value is not self._pushed[name]:
+                self.params[name].set_data(value)
+                self._pushed[name] = value
+
+    def _push(self) -> None:
+        """Write the Parameters' values into the model's Variables."""
+        variables = _variables(self._model, self._wrt)
+        for name, p in self.params.items():
+            value = p.data()  # marks the array as the user's: the next step works on a copy
+            if variables[name].get_value() is not value:
+                variables[name].set_value(value)
+            self._pushed[name] = value
+
+    def _nnx_loss(self, loss_fn: Callable, has_aux: bool, graphdef: Any) -> Callable:
+        key = (loss_fn, has_aux, graphdef)
+        fn = self._nnx_losses.get(key)
+        if fn is not None:
+            return fn
+        nnx, wrt = _nnx(), self._wrt
+
+        def lrmult_nnx_loss(tree, rest, *args):
+            model = nnx.merge(graphdef, tree, rest)
+            out = loss_fn(model, *args)
+            new_rest = nnx.as_pure(nnx.split(model, wrt, ...)[2])
+            if has_aux:
+                if not (isinstance(out, tuple) and len(out) == 2):
+                    name = getattr(loss_fn, "__name__", repr(loss_fn))
+                    raise TypeError(
+                        f"train_step: with has_aux=True, {name} must return (loss, aux)"
+                    )
+                return out[0], (out[1], new_rest)
+            return out, (None, new_rest)
+
+        self._nnx_losses[key] = lrmult_nnx_loss
+        return lrmult_nnx_loss
+
+    def train_step(self, loss_fn: Callable, *args: Any, has_aux: bool = False) -> Any:
+        """One jitted step on `loss_fn(model, *args)`; the model is updated in place.
+
+        Only trainable parameters are differentiated. Other Variables the loss function changes
+        (batch statistics, RNG counters) are written back to the model. Compiled once per
+        `loss_fn`, frozen set and model graph (e.g. `model.train()` / `model.eval()`).
+
+        Returns:
+          The loss (and the aux output when `has_aux`), as computed before the update.
+        """
+        if not callable(loss_fn):
+            raise TypeError(f"train_step: loss_fn must be callable, got {type(loss_fn).__name__}")
+        nnx = _nnx()
+        self._pull()
+        graphdef, _, rest = nnx.split(self._model, self._wrt, ...)
+        fn = self._nnx_loss(loss_fn, has_aux, graphdef)
+        loss, (aux, new_rest) = super().train_step(fn, nnx.as_pure(rest), *args, has_aux=True)
+        nnx.update(self._model, new_rest)
+        self._push()
+        return (loss, aux) if has_aux else loss
+
+    def step(self, grads: Any, batch_size: int | float = 1) -> None:
+        """Apply one update from `grads` (e.g. `nnx.grad(loss_fn)(model)`) to the model.
+
+        Args:
+          grads: an `nnx.State` of gradients (Variables or arrays) named like the model's
+            parameters, or a `{name: grad}` dict; frozen parameters' gradients are ignored.
+          batch_size: the gradients are multiplied by `1 / batch_size`.
+        """
+        nnx = _nnx()
+        if isinstance(grads, nnx.State) or not isinstance(grads, Mapping):
+            flat = jax.tree_util.tree_flatten_with_path(nnx.as_pure(grads))[0]
+            grads = {path_name(path): g for path, g in flat}
+            unknown = [n for n in grads if n not in self.params]
+            if unknown:
+                raise ValueError(
+                    f"step: gradient {unknown[0]!r} names no parameter of this trainer; take "
+                    f"gradients with respect to the same Variables (wrt={self._wrt!r})"
+                )
+        self._pull()
+        super().step(grads, batch_size)
+        self._push()
+
+
+def refresh_optimizer(optimizer: Any, param_dict: ParamDict | None = None) -> None:
+    """`lrmult.refresh` for an `nnx.Optimizer` built on lrmult's transformations, in place.
+
+    Call it after changing multipliers or the frozen set between steps. Changed multipliers
+    cause no retrace of an `nnx.jit` step; a changed frozen set gives the state its new
+    structure (one trace), carrying over the state of every leaf that stays trainable.
+
+    Args:
+      optimizer: an `nnx.Optimizer` whose `tx` holds lrmult's transformations.
+      param_dict: the ParamDict to read; defaults to the one each transformation was built with.
+    """
+    nnx = _nnx()
+    if not isinstance(optimizer, nnx.Optimizer):
+        raise TypeError(
+            f"refresh_optimizer: expected an nnx.Optimizer, got {type(optimizer).__name__}"
+        )
+    old = optimizer.opt_state
+    new = refresh(nnx.as_pure(old), param_dict)
+    optimizer.opt_state = nnx.data(_rewrap(old, new))
+
+
+def _rewrap(old: Any, new: Any) -> Any:
+    """`new` (pure) wrapped like `old`: the same Variable type and metadata at the same path."""
+    nnx = _nnx()
+    from flax.nnx.training.optimizer import OptArray
+
+    def is_var(x):
+        return isinstance(x, nnx.Variable)
+
+    old_vars = {
+        path: var
+        for path, var in jax.tree_util.tree_flatten_with_path(old, is_leaf=is_var)[0]
+        if is_var(var)
+    }
+
+    def wrap(path, x):
+        if is_frozen_leaf(x):
+            return x
+        var = old_vars.get(path)
+        if var is not None and np.shape(var.get_value()) == np.shape(x):
+            return var.replace(x)
+        return OptArray(x)
+
+    return jax.tree_util.tree_map_with_path(wrap, new, is_leaf=is_frozen_leaf)
