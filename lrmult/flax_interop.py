@@ -208,24 +208,31 @@ class NNXTrainer(Trainer):
                 f"and freeze what should not train"
             )
 
-    def _pull(self) -> None:
-        """Take into the Parameters the arrays assigned to the model since the last step."""
-        variables = _variables(self._model, self._wrt)
-        self._check_names(list(variables), list(self.params))
-        for name, var in variables.items():
+    def _pull(self, state: Any) -> None:
+        """Take into the Parameters the arrays assigned to the model since the last step.
+
+        Args:
+          state: `nnx.state(model, wrt)` (or the params part of `nnx.split`), taken now.
+        """
+        nnx = _nnx()
+        flat = jax.tree_util.tree_flatten_with_path(
+            state, is_leaf=lambda x: isinstance(x, nnx.Variable)
+        )[0]
+        names = [path_name(path) for path, _ in flat]
+        if names != list(self._pushed):
+            self._check_names(names, list(self.params))
+        for name, (_, var) in zip(names, flat, strict=True):
             value = var.get_value()
             if value is not self._pushed[name]:
                 self.params[name].set_data(value)
                 self._pushed[name] = value
 
-    def _push(self) -> None:
-        """Write the Parameters' values into the model's Variables."""
-        variables = _variables(self._model, self._wrt)
+    def _push(self, *other: Any) -> None:
+        """Write the Parameters' values (and `other` states) into the model."""
+        tree = self.params.tree()  # data(): the model's arrays stay valid after later steps
+        _nnx().update(self._model, tree, *other)
         for name, p in self.params.items():
-            value = p.data()  # marks the array as the user's: the next step works on a copy
-            if variables[name].get_value() is not value:
-                variables[name].set_value(value)
-            self._pushed[name] = value
+            self._pushed[name] = p._value
 
     def _nnx_loss(self, loss_fn: Callable, has_aux: bool, graphdef: Any) -> Callable:
         key = (loss_fn, has_aux, graphdef)
@@ -263,12 +270,11 @@ class NNXTrainer(Trainer):
         if not callable(loss_fn):
             raise TypeError(f"train_step: loss_fn must be callable, got {type(loss_fn).__name__}")
         nnx = _nnx()
-        self._pull()
-        graphdef, _, rest = nnx.split(self._model, self._wrt, ...)
+        graphdef, state, rest = nnx.split(self._model, self._wrt, ...)
+        self._pull(state)
         fn = self._nnx_loss(loss_fn, has_aux, graphdef)
         loss, (aux, new_rest) = super().train_step(fn, nnx.as_pure(rest), *args, has_aux=True)
-        nnx.update(self._model, new_rest)
-        self._push()
+        self._push(new_rest)
         return (loss, aux) if has_aux else loss
 
     def step(self, grads: Any, batch_size: int | float = 1) -> None:
@@ -289,7 +295,7 @@ class NNXTrainer(Trainer):
                     f"step: gradient {unknown[0]!r} names no parameter of this trainer; take "
                     f"gradients with respect to the same Variables (wrt={self._wrt!r})"
                 )
-        self._pull()
+        self._pull(nnx.state(self._model, self._wrt))
         super().step(grads, batch_size)
         self._push()
 

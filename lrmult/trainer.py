@@ -106,6 +106,8 @@ class Trainer:
       optimizer_params: Gluon's keys `learning_rate` (float or optax schedule), `wd`,
         `momentum`, `beta1`, `beta2`, `epsilon`, `clip_gradient` (element-wise) and
         `clip_global_norm`, or any argument of the ready chain (`nesterov`, `centered`, ...).
+      check_finite: check every step's gradients; a non-finite one raises `FloatingPointError`
+        naming the first such parameter, and nothing is updated (costs one host sync a step).
 
     Example:
       >>> params = ParamDict.from_pytree(model_params)
@@ -119,7 +121,12 @@ class Trainer:
         params: ParamDict | Sequence[ParamDict] | Mapping[str, Parameter],
         optimizer: str | optax.GradientTransformation = "sgd",
         optimizer_params: Mapping[str, Any] | None = None,
+        *,
+        check_finite: bool = False,
     ) -> None:
+        if not isinstance(check_finite, bool):
+            raise TypeError(f"Trainer: check_finite must be True or False, got {check_finite!r}")
+        self._check_finite = check_finite
         self._params = _as_param_dict(params)
         if optimizer_params is None:
             optimizer_params = {}
@@ -407,10 +414,35 @@ class Trainer:
                 p._value = value
                 p._donatable = True
 
+    def _update(self, grads, opt_state, trainable):
+        """The update inside both jitted steps; with `check_finite`, a no-op on bad gradients."""
+        updates, new_state = self._tx.update(grads, opt_state, trainable)
+        new = optax.apply_updates(trainable, updates)
+        if not self._check_finite:
+            return new, new_state, None
+        finite = jax.tree.map(lambda g: jnp.all(jnp.isfinite(g)), grads)
+        ok = jnp.all(jnp.stack(jax.tree.leaves(finite)))
+
+        def keep(n, o):
+            return jnp.where(ok, n, o)
+
+        return jax.tree.map(keep, new, trainable), jax.tree.map(keep, new_state, opt_state), finite
+
+    def _raise_if_not_finite(self, finite) -> None:
+        if finite is None:
+            return
+        flags = jax.device_get({n: f for n, f in finite.items() if not is_frozen_leaf(f)})
+        bad = [n for n in self._names if n in flags and not bool(flags[n])]
+        if bad:
+            raise FloatingPointError(
+                f"non-finite gradient for parameter {bad[0]!r}"
+                + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else "")
+                + "; nothing was updated"
+            )
+
     def _lrmult_apply_step(self, trainable, opt_state, grads, scale):
         grads = jax.tree.map(lambda g: (g * scale).astype(g.dtype), grads)
-        updates, opt_state = self._tx.update(grads, opt_state, trainable)
-        return optax.apply_updates(trainable, updates), opt_state
+        return self._update(grads, opt_state, trainable)
 
     def _grads_by_name(self, grads: Any) -> dict[str, Any]:
         names = self._names
@@ -468,17 +500,18 @@ class Trainer:
         trainable, _ = self._gather()
         g = {n: (flat[n] if n in flat else FrozenLeaf()) for n in self._names}
         g = {n: (FrozenLeaf() if is_frozen_leaf(trainable[n]) else v) for n, v in g.items()}
-        new, self._opt_state = self._apply_fn(
+        new, self._opt_state, finite = self._apply_fn(
             trainable, self._opt_state, g, jnp.float32(1.0 / batch_size)
         )
         self._write_back(new)
+        self._raise_if_not_finite(finite)
 
     def _train_fn(self, loss_fn: Callable, has_aux: bool) -> Callable:
         key = (loss_fn, has_aux)
         fn = self._train_fns.get(key)
         if fn is not None:
             return fn
-        tx, treedef, order = self._tx, self._treedef, self._order
+        update, treedef, order = self._update, self._treedef, self._order
         fname = getattr(loss_fn, "__name__", repr(loss_fn))
 
         def lrmult_train_step(trainable, frozen, opt_state, args):
@@ -498,8 +531,7 @@ class Trainer:
                 return out
 
             out, grads = jax.value_and_grad(objective, has_aux=has_aux)(trainable)
-            updates, opt_state = tx.update(grads, opt_state, trainable)
-            return optax.apply_updates(trainable, updates), opt_state, out
+            return (*update(grads, opt_state, trainable), out)
 
         fn = jax.jit(lrmult_train_step, donate_argnums=(0, 2))
         self._train_fns[key] = fn
@@ -519,6 +551,7 @@ class Trainer:
         fn = self._train_fn(loss_fn, has_aux)
         self._sync()
         trainable, frozen = self._gather()
-        new, self._opt_state, out = fn(trainable, frozen, self._opt_state, args)
+        new, self._opt_state, finite, out = fn(trainable, frozen, self._opt_state, args)
         self._write_back(new)
+        self._raise_if_not_finite(finite)
         return out

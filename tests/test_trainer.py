@@ -368,3 +368,26 @@ def test_numpy_scalar_gradient_for_a_scalar_parameter():
     trainer = Trainer(pd, "sgd", {"learning_rate": 0.1})
     trainer.step({"s": np.float32(2.0), "v": np.ones(2, np.float32)})
     assert float(pd["s"].data()) == pytest.approx(1 - 0.2)
+
+
+@pytest.mark.parametrize("via", ["step", "train_step"])
+def test_check_finite_names_the_first_bad_leaf_and_changes_nothing(via):
+    pd = ParamDict.from_pytree({"a": jnp.ones(2), "b": jnp.ones(2), "c": jnp.ones(2)})
+    trainer = Trainer(pd, "adam", {"learning_rate": 0.1}, check_finite=True)
+    good = {"a": jnp.ones(2), "b": jnp.ones(2), "c": jnp.ones(2)}
+    trainer.step(good)
+    before = snapshot(trainer)
+    bad = {"a": jnp.ones(2), "b": jnp.array([1.0, jnp.nan]), "c": jnp.array([jnp.inf, 0.0])}
+    with pytest.raises(FloatingPointError, match=r"'b' \(and 1 more\)"):
+        if via == "step":
+            trainer.step(bad)
+        else:
+            trainer.train_step(lambda p: sum(jnp.vdot(p[k], bad[k]) for k in p))
+    assert_same(snapshot(trainer), before)
+    trainer.step(good)
+    twin = Trainer(
+        ParamDict.from_pytree({k: jnp.ones(2) for k in "abc"}), "adam", {"learning_rate": 0.1}
+    )
+    twin.step(good)
+    twin.step(good)
+    assert_same(snapshot(trainer), snapshot(twin))
