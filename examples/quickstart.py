@@ -44,9 +44,11 @@ def main(steps: int = 400) -> None:
 
     compiles = []
     jax.monitoring.register_event_duration_secs_listener(
-        lambda event, _, **kw: compiles.append(kw.get("fun_name"))
-        if event == "/jax/core/compile/backend_compile_duration"
-        else None
+        lambda event, _, **kw: (
+            compiles.append(kw.get("fun_name"))
+            if event == "/jax/core/compile/backend_compile_duration"
+            else None
+        )
     )
 
     start = params.arrays()
@@ -71,6 +73,7 @@ def main(steps: int = 400) -> None:
     print(f"{'parameter':18s} {'first half':>12s} {'second half':>12s}")
     end = params.arrays()
     for name in params:
+
         def rms(a, b):
             return float(jnp.sqrt(jnp.mean((b - a) ** 2)))
 
