@@ -18,7 +18,6 @@ a plain optax chain) applies them in one jitted step. Changing a multiplier neve
 import jax
 import jax.numpy as jnp
 import matplotlib.pyplot as plt
-import numpy as np
 from flax import linen as nn
 
 import lrmult
@@ -132,7 +131,8 @@ frozen_before = params["hidden_0/kernel"].data()
 for _ in range(20):
     trainer.train_step(loss_fn, x, y)
 print("hidden_0 unchanged:", bool(jnp.array_equal(frozen_before, params["hidden_0/kernel"].data())))
-state_names = {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(trainer.opt_state)[0]}
+paths = jax.tree_util.tree_flatten_with_path(trainer.opt_state)[0]
+state_names = {jax.tree_util.keystr(p) for p, _ in paths}
 print("optimizer state mentions hidden_0:", any("hidden_0" in s for s in state_names))
 trainer.explain()
 """,

@@ -24,7 +24,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-import lrmult
 from lrmult import ParamDict, Parameter, Trainer
 
 np.set_printoptions(precision=5, suppress=True)
@@ -114,7 +113,8 @@ for step in range(4):
     scheduled.step(ones)
     d1 = float(before["l1/W"][0] - pd["l1/W"].data()[0])
     d2 = float(before["l2/W"][0] - pd["l2/W"].data()[0])
-    print(f"step {step}: base rate {rate:.4f}  l1/W moved {d1:.4f}  l2/W moved {d2:.5f}  ratio {d1 / d2:.1f}")
+    print(f"step {step}: base rate {rate:.4f}  l1/W moved {d1:.4f}  "
+          f"l2/W moved {d2:.5f}  ratio {d1 / d2:.1f}")
 """,
     ),
     (
@@ -187,7 +187,8 @@ def conv(x, w):
                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 k = jax.random.split(jax.random.PRNGKey(0), 4)
-trunk = ParamDict.from_pytree({"conv": jax.random.normal(k[0], (3, 3, 1, 4)) * 0.3}, prefix="trunk/")
+trunk = ParamDict.from_pytree({"conv": jax.random.normal(k[0], (3, 3, 1, 4)) * 0.3},
+                              prefix="trunk/")
 heads = [ParamDict.from_pytree({"w": jax.random.normal(kk, (64, 3)) * 0.1}, prefix=f"head{i}/")
          for i, kk in enumerate(k[1:3])]
 trunk.setattr("lr_mult", 0.1)       # a slow shared trunk
