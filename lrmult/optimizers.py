@@ -22,9 +22,7 @@ Overrides = Mapping[int | str, float] | None
 
 
 def _ready(
-    param_dict: Any,
-    idx2name: Any,
-    *links: optax.GradientTransformation | None,
+    param_dict: Any, *links: optax.GradientTransformation | None
 ) -> optax.GradientTransformation:
     tx = optax.chain(*(link for link in links if link is not None))
     return tx if param_dict is None else trainable_only(tx, param_dict)
@@ -66,7 +64,6 @@ def sgd(
     """
     return _ready(
         param_dict,
-        idx2name,
         _decay(weight_decay, param_dict, wd_mult, idx2name),
         optax.trace(decay=momentum, nesterov=nesterov) if momentum else None,
         scale_by_lr_mult(param_dict, lr_mult=lr_mult, idx2name=idx2name),
@@ -116,7 +113,6 @@ def adam(
     """
     return _ready(
         param_dict,
-        idx2name,
         _decay(weight_decay, param_dict, wd_mult, idx2name),
         per_leaf(optax.scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root)),
         scale_by_lr_mult(param_dict, lr_mult=lr_mult, idx2name=idx2name),
@@ -140,7 +136,6 @@ def adamw(
     """AdamW, decoupled (PyTorch's `AdamW`, `optax.adamw`): `w -= η·m·(adam(g) + λ·d·w)`."""
     return _ready(
         param_dict,
-        idx2name,
         per_leaf(optax.scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root)),
         _decay(weight_decay, param_dict, wd_mult, idx2name),
         scale_by_lr_mult(param_dict, lr_mult=lr_mult, idx2name=idx2name),
@@ -174,7 +169,6 @@ def rmsprop(
     )
     return _ready(
         param_dict,
-        idx2name,
         _decay(weight_decay, param_dict, wd_mult, idx2name),
         per_leaf(scaler) if bias_correction else scaler,
         optax.trace(decay=momentum, nesterov=nesterov) if momentum else None,
@@ -197,7 +191,6 @@ def adagrad(
     """Adagrad (optax's) with coupled weight decay: `w -= η·m·rss(g + λ·d·w)`."""
     return _ready(
         param_dict,
-        idx2name,
         _decay(weight_decay, param_dict, wd_mult, idx2name),
         optax.scale_by_rss(initial_accumulator_value=initial_accumulator_value, eps=eps),
         scale_by_lr_mult(param_dict, lr_mult=lr_mult, idx2name=idx2name),
@@ -221,7 +214,6 @@ def lamb(
     """LAMB (optax's): `w -= η·m·trust_ratio(adam(g) + λ·d·w)`."""
     return _ready(
         param_dict,
-        idx2name,
         per_leaf(optax.scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root)),
         _decay(weight_decay, param_dict, wd_mult, idx2name),
         optax.scale_by_trust_ratio(),
@@ -244,7 +236,6 @@ def lion(
     """Lion (optax's), decoupled decay: `w -= η·m·(sign(...) + λ·d·w)`."""
     return _ready(
         param_dict,
-        idx2name,
         optax.scale_by_lion(b1=b1, b2=b2),
         _decay(weight_decay, param_dict, wd_mult, idx2name),
         scale_by_lr_mult(param_dict, lr_mult=lr_mult, idx2name=idx2name),
