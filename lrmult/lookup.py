@@ -53,6 +53,7 @@ class Leaf(NamedTuple):
     index: int
     name: str
     shape: tuple[int, ...]
+    path: str  # the leaf's key path joined with '/'
 
 
 def leaves_of(tree: Any, param_dict: Mapping[str, Any] | None, idx2name: Mapping[int, str] | None):
@@ -63,9 +64,20 @@ def leaves_of(tree: Any, param_dict: Mapping[str, Any] | None, idx2name: Mapping
     `idx2name[index]` if given, else its path name.
     """
     flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_frozen_leaf)[0]
+    paths = [path_name(path) for path, _ in flat]
+    shapes = [() if is_frozen_leaf(leaf) else tuple(np.shape(leaf)) for _, leaf in flat]
+    return leaves_named(paths, shapes, param_dict, idx2name)
+
+
+def leaves_named(
+    paths: list[str],
+    shapes: list[tuple[int, ...]],
+    param_dict: Mapping[str, Any] | None,
+    idx2name: Mapping[int, str] | None,
+) -> list[Leaf]:
+    """`leaves_of` for leaves known by their path names and shapes."""
     out = []
-    for position, (path, leaf) in enumerate(flat):
-        pname = path_name(path)
+    for position, (pname, shape) in enumerate(zip(paths, shapes, strict=True)):
         if idx2name:
             index = position
             name = idx2name.get(index, pname)
@@ -74,8 +86,7 @@ def leaves_of(tree: Any, param_dict: Mapping[str, Any] | None, idx2name: Mapping
             name = pname
         else:
             index, name = position, pname
-        shape = () if is_frozen_leaf(leaf) else tuple(np.shape(leaf))
-        out.append(Leaf(index, name, shape))
+        out.append(Leaf(index, name, shape, pname))
     return out
 
 

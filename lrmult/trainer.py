@@ -23,8 +23,8 @@ from lrmult.paramdict import ParamDict
 from lrmult.parameter import Parameter
 from lrmult.transforms import (
     _host_value,
+    _place,
     _refresh,
-    _scalar,
     add_decayed_weights,
     scale_by_lr_mult,
     trainable_only,
@@ -280,7 +280,7 @@ class Trainer:
         hyper = dict(state.hyperparams)
         old = hyper["learning_rate"]
         # Same dtype and placement as before: the jitted step sees the same input signature.
-        hyper["learning_rate"] = _scalar(lr, old, old.dtype)
+        hyper["learning_rate"] = _place(lr, old, old.dtype)
         self._opt_state = state._replace(hyperparams=hyper)
 
     # -- the lookup chain's override dicts --------------------------------------------------------

@@ -33,18 +33,59 @@ def _check_param_dict(param_dict: Any, where: str) -> None:
 
 
 class _Link:
-    """How a multiplier state was resolved: static (aux) data of `MultState`, equal by identity."""
+    """How a multiplier state was resolved: static (aux) data of `MultState`, equal by identity.
 
-    def __init__(self, attr: str, overrides: dict, idx2name: dict | None, param_dict: Any) -> None:
+    One per `init`: it knows the leaves (their path names, shapes, indices) of the tree it was
+    initialised with, so `refresh` and `explain` can name every entry of the multiplier vector.
+    """
+
+    def __init__(
+        self, attr: str, overrides: dict, idx2name: dict | None, param_dict: Any, leaves=()
+    ) -> None:
         self.attr = attr
         self.overrides = overrides
         self.idx2name = idx2name
         self.param_dict = param_dict
+        self.leaves: list[lookup.Leaf] = list(leaves)
         self.warned: set[Any] = set()
+        self._key = (
+            attr,
+            id(param_dict),
+            tuple(sorted(overrides.items(), key=repr)),
+            tuple(sorted((idx2name or {}).items())),
+            tuple(self.leaves),
+        )
+        self._hash = hash(self._key)
+
+    # Equal links give equal treedefs: a state rebuilt for a frozen set seen before hits jit's
+    # cache. The identity test first keeps the common case (the same link) cheap.
+    def __eq__(self, other: object) -> bool:
+        return self is other or (isinstance(other, _Link) and self._key == other._key)
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def renamed(self, param_dict: Any) -> _Link:
+        """The same link reading another ParamDict (indices follow that dict's order)."""
+        if param_dict is self.param_dict:
+            return self
+        leaves = lookup.leaves_named(
+            [leaf.path for leaf in self.leaves],
+            [leaf.shape for leaf in self.leaves],
+            param_dict,
+            self.idx2name,
+        )
+        link = _Link(self.attr, self.overrides, self.idx2name, param_dict, leaves)
+        link.warned = self.warned
+        return link
 
 
 class MultState:
-    """Per-leaf multipliers (`values`: float32 scalars shaped like the params)."""
+    """Per-leaf multipliers: `values[i]` (float32) scales leaf `i` of the flattened params.
+
+    Frozen leaves (`FrozenLeaf`) keep their position, so the vector's shape never changes: one
+    buffer per multiplier kind, whatever the model's size or frozen set.
+    """
 
     __slots__ = ("values", "link")
 
@@ -64,8 +105,8 @@ jax.tree_util.register_pytree_with_keys(
 )
 
 
-def _scalar(value: float, like: Any, dtype: Any = np.float32) -> jax.Array:
-    """A float32 scalar placed where `like` lives: replicated over its mesh, or on its device.
+def _place(value: Any, like: Any, dtype: Any = np.float32) -> jax.Array:
+    """`value` on the device(s) of `like`: replicated over its mesh, or where jit would put it.
 
     Multipliers are inputs of the jitted step; giving them the placement of the parameters keeps
     the step's input signature stable (no recompilation when one changes) and adds no collective.
@@ -78,39 +119,55 @@ def _scalar(value: float, like: Any, dtype: Any = np.float32) -> jax.Array:
     return jax.device_put(np.asarray(value, dtype), sharding)
 
 
-def _host_value(x: jax.Array) -> float:
-    """A scalar's value, also when the array spans processes (read the local copy)."""
-    return float(np.asarray(x.addressable_data(0)))
+def _host_value(x: jax.Array) -> Any:
+    """An array's value on the host, also when it spans processes (read the local copy)."""
+    value = np.asarray(x.addressable_data(0))
+    return float(value) if value.ndim == 0 else value
 
 
-def _multiplier_tree(attr: str, tree: Any, link: _Link, leaves: list[lookup.Leaf], overrides):
-    """float32 scalars for every array leaf of `tree` (0 for frozen leaves); FrozenLeaf stays."""
-    values = lookup.resolve(attr, leaves, link.param_dict, overrides)
-    frozen = lookup.resolve("frozen", leaves, link.param_dict)
-    flat, treedef = _flatten(tree)
-    out = [
-        x if is_frozen_leaf(x) else _scalar(0.0 if fz else v, x)
-        for x, (v, _), (fz, _) in zip(flat, values, frozen, strict=True)
-    ]
-    return jax.tree.unflatten(treedef, out)
+def _multiplier_values(link: _Link, overrides: Mapping) -> np.ndarray:
+    """The vector of `link.attr` for every leaf through the lookup chain (0 for frozen leaves)."""
+    values = lookup.resolve(link.attr, link.leaves, link.param_dict, overrides)
+    frozen = lookup.resolve("frozen", link.leaves, link.param_dict)
+    return np.array(
+        [0.0 if fz else v for (v, _), (fz, _) in zip(values, frozen, strict=True)], np.float32
+    )
+
+
+def _first_array(flat: list[Any]) -> Any:
+    return next((x for x in flat if not is_frozen_leaf(x)), None)
 
 
 def _multiplier(attr: str, param_dict: Any, overrides: Any, idx2name: Any, where: str):
     """Shared body of `scale_by_lr_mult` and `add_decayed_weights`: validated link + init."""
     _check_param_dict(param_dict, where)
-    link = _Link(
-        attr,
-        lookup.normalize_overrides(attr, overrides),
-        lookup.check_idx2name(idx2name),
-        param_dict,
-    )
+    overrides = lookup.normalize_overrides(attr, overrides)
+    idx2name = lookup.check_idx2name(idx2name)
 
     def init(params: Any) -> MultState:
-        leaves = lookup.leaves_of(params, param_dict, link.idx2name)
-        lookup.check_override_keys(attr, link.overrides, leaves, param_dict)
-        return MultState(_multiplier_tree(attr, params, link, leaves, link.overrides), link)
+        leaves = lookup.leaves_of(params, param_dict, idx2name)
+        lookup.check_override_keys(attr, overrides, leaves, param_dict)
+        link = _Link(attr, overrides, idx2name, param_dict, leaves)
+        like = _first_array(_flatten(params)[0])
+        return MultState(_place(_multiplier_values(link, overrides), like), link)
 
     return init
+
+
+def _leafwise(fn, state: MultState, *trees: Any) -> Any:
+    """`fn(i, leaf, *others)` over the array leaves of `trees[0]`; FrozenLeaf stays."""
+    flat, treedef = _flatten(trees[0])
+    if len(flat) != len(state.link.leaves):
+        raise ValueError(
+            f"{state.link.attr}: the state was built for {len(state.link.leaves)} leaves, the "
+            f"update has {len(flat)}"
+        )
+    rest = [_flatten(t)[0] for t in trees[1:]]
+    out = [
+        x if is_frozen_leaf(x) else fn(state.values[i], x, *(r[i] for r in rest))
+        for i, x in enumerate(flat)
+    ]
+    return jax.tree.unflatten(treedef, out)
 
 
 def scale_by_lr_mult(
@@ -131,14 +188,13 @@ def scale_by_lr_mult(
       idx2name: index -> name, for trees whose path names are not the parameter names.
 
     Returns:
-      An `optax.GradientTransformation` whose state holds one float32 scalar per leaf.
+      An `optax.GradientTransformation` whose state holds one float32 per leaf (a vector).
     """
     init = _multiplier("lr_mult", param_dict, lr_mult, idx2name, "scale_by_lr_mult")
 
     def update_fn(updates, state, params=None):
         del params
-        out = jax.tree.map(lambda u, m: (u * m).astype(u.dtype), updates, state.values)
-        return out, state
+        return _leafwise(lambda m, u: (u * m).astype(u.dtype), state, updates), state
 
     return optax.GradientTransformation(init, update_fn)
 
@@ -176,11 +232,8 @@ def add_decayed_weights(
     def update_fn(updates, state, params=None):
         if params is None:
             raise ValueError("add_decayed_weights needs params: call update(grads, state, params)")
-        out = jax.tree.map(
-            lambda u, d, p: (u + (weight_decay * d) * p).astype(u.dtype),
-            updates,
-            state.values,
-            params,
+        out = _leafwise(
+            lambda d, u, p: (u + (weight_decay * d) * p).astype(u.dtype), state, updates, params
         )
         return out, state
 
@@ -348,12 +401,10 @@ def _restructure(state: TrainableState, param_dict: Any) -> TrainableState:
 def _refresh_mult(
     state: MultState, param_dict: Any, overrides: Mapping | None, warned: set | None
 ) -> MultState:
-    link = state.link
-    pd = param_dict if param_dict is not None else link.param_dict
+    link = state.link.renamed(param_dict if param_dict is not None else state.link.param_dict)
     overrides = link.overrides if overrides is None else overrides
     warned = link.warned if warned is None else warned
-    leaves = lookup.leaves_of(state.values, pd, link.idx2name)
-    for key, name in lookup.shadowed(link.attr, overrides, leaves, pd):
+    for key, name in lookup.shadowed(link.attr, overrides, link.leaves, link.param_dict):
         if (link.attr, key) not in warned:
             warned.add((link.attr, key))
             warnings.warn(
@@ -361,22 +412,10 @@ def _refresh_mult(
                 f"Parameter's {link.attr} was set since, and comes first in the lookup chain",
                 stacklevel=4,
             )
-    values = lookup.resolve(link.attr, leaves, pd, overrides)
-    frozen = lookup.resolve("frozen", leaves, pd)
-    flat, treedef = _flatten(state.values)
-    out = []
-    for old, (v, _), (fz, _) in zip(flat, values, frozen, strict=True):
-        new = np.float32(0.0 if fz else v)
-        if is_frozen_leaf(old) or np.float32(_host_value(old)) == new:
-            out.append(old)
-        else:
-            out.append(_scalar(new, old))
-    new_link = (
-        link if pd is link.param_dict else _Link(link.attr, link.overrides, link.idx2name, pd)
-    )
-    if new_link is not link:
-        new_link.warned = link.warned
-    return MultState(jax.tree.unflatten(treedef, out), new_link)
+    values = _multiplier_values(link, overrides)
+    if np.array_equal(np.asarray(state.values.addressable_data(0)), values):
+        return state if link is state.link else MultState(state.values, link)
+    return MultState(_place(values, state.values), link)
 
 
 def _refresh(
@@ -463,9 +502,8 @@ def explain(
         hyper = getattr(opt_state, "hyperparams", None) or {}
         lr = hyper.get("learning_rate")
         learning_rate = float(lr) if lr is not None else float("nan")
-    leaves = lookup.leaves_of(lr_node.values, pd, lr_node.link.idx2name)
     rows = lookup.explain_rows(
-        leaves,
+        lr_node.link.renamed(pd).leaves,
         pd,
         lr_node.link.overrides,
         wd_node.link.overrides if wd_node is not None else None,
