@@ -30,6 +30,8 @@ from lrmult.transforms import (
     trainable_only,
 )
 
+_FROZEN = FrozenLeaf()
+
 # Gluon's optimizer_params keys -> the ready chains' argument names.
 _GLUON_KEYS = {"wd": "weight_decay", "beta1": "b1", "beta2": "b2", "epsilon": "eps"}
 _TRAINER_KEYS = ("learning_rate", "clip_gradient", "clip_global_norm")
@@ -136,6 +138,8 @@ class Trainer:
             )
         opts = dict(optimizer_params)
         self._names = list(self._params)
+        # (name, Parameter) pairs, read at every step without going through the Mapping API.
+        self._plist = list(self._params._params.items())
         self._treedef, self._order = self._params.structure()
         template = {n: FrozenLeaf() for n in self._names}
         self._leaves = lookup.leaves_of(template, self._params, None)
@@ -393,11 +397,12 @@ class Trainer:
         self._dirty = False
 
     def _gather(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The step's inputs: trainable values (FrozenLeaf where frozen), and frozen values."""
         trainable: dict[str, Any] = {}
         frozen: dict[str, Any] = {}
-        for name, p in self._params.items():
-            if p.frozen:
-                trainable[name] = FrozenLeaf()
+        for name, p in self._plist:
+            if p._frozen:
+                trainable[name] = _FROZEN
                 frozen[name] = p._value
             elif p._donatable:
                 trainable[name] = p._value
@@ -407,10 +412,9 @@ class Trainer:
         return trainable, frozen
 
     def _write_back(self, new: Mapping[str, Any]) -> None:
-        params = self._params
-        for name, value in new.items():
+        for name, p in self._plist:
+            value = new[name]
             if not is_frozen_leaf(value):
-                p = params[name]
                 p._value = value
                 p._donatable = True
 
