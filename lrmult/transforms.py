@@ -240,104 +240,24 @@ def add_decayed_weights(
     return optax.GradientTransformation(init, update_fn)
 
 
-class PerLeafState:
-    """`inner`'s state for each trainable leaf, its scalar fields packed into vectors.
-
-    `scalars[k][j]` is scalar field `k` (a step count, say) of the `j`-th trainable leaf;
-    `arrays` is shaped like the params, holding at each trainable leaf the tuple of its state's
-    non-scalar fields (moments, ...) and `FrozenLeaf` at each frozen one. Packing keeps the
-    number of buffers the jitted step passes at that of optax's shared-count state.
-    """
-
-    __slots__ = ("scalars", "arrays", "spec")
-
-    def __init__(self, scalars: tuple, arrays: Any, spec: tuple) -> None:
-        self.scalars = scalars
-        self.arrays = arrays
-        self.spec = spec  # (params treedef, inner state treedef, which inner fields are packed)
-
-    def positions(self) -> list[int]:
-        """The params positions of the trainable leaves, in the order of `scalars`."""
-        entries = self.spec[0].flatten_up_to(self.arrays)
-        return [i for i, e in enumerate(entries) if not is_frozen_leaf(e)]
-
-    def scalar_field(self, k: int = 0) -> dict[int, Any]:
-        """`{params position: value}` of packed scalar field `k` (for Adam: the step count)."""
-        return {i: self.scalars[k][j] for j, i in enumerate(self.positions())}
-
-    def __repr__(self) -> str:
-        return f"PerLeafState(scalars={self.scalars!r}, arrays={self.arrays!r})"
-
-
-jax.tree_util.register_pytree_with_keys(
-    PerLeafState,
-    lambda s: (((GetAttrKey("scalars"), s.scalars), (GetAttrKey("arrays"), s.arrays)), s.spec),
-    lambda spec, children: PerLeafState(children[0], children[1], spec),
-    flatten_func=lambda s: ((s.scalars, s.arrays), s.spec),
-)
-
-
 def per_leaf(inner: optax.GradientTransformation) -> optax.GradientTransformation:
     """Run `inner` on each leaf on its own: every leaf gets its own state, step count included.
 
     optax's `scale_by_adam` keeps one step count for the whole tree; under `per_leaf` a leaf that
-    joins training later starts its bias correction afresh, as in PyTorch and MXNet. The per-leaf
-    scalars are packed into one vector per field (see `PerLeafState`).
+    joins training later starts its bias correction afresh, as in PyTorch and MXNet.
     """
 
     def init_fn(params):
-        flat, ptreedef = _flatten(params)
-        states = [None if is_frozen_leaf(x) else inner.init(x) for x in flat]
-        present = [jax.tree.leaves(st) for st in states if st is not None]
-        sdef = next((jax.tree.structure(st) for st in states if st is not None), None)
-        first = present[0] if present else []
-        packed = tuple(
-            all(
-                np.ndim(ls[k]) == 0 and jnp.result_type(ls[k]) == jnp.result_type(first[k])
-                for ls in present
-            )
-            for k in range(len(first))
-        )
-        scalars = tuple(
-            jnp.stack([ls[k] for ls in present]) for k in range(len(first)) if packed[k]
-        )
-        arrays = [
-            FrozenLeaf()
-            if st is None
-            else tuple(x for x, p in zip(jax.tree.leaves(st), packed, strict=True) if not p)
-            for st in states
-        ]
-        return PerLeafState(scalars, ptreedef.unflatten(arrays), (ptreedef, sdef, packed))
+        return jax.tree.map(inner.init, params)
 
     def update_fn(updates, state, params=None):
-        ptreedef, sdef, packed = state.spec
-        flat_u = ptreedef.flatten_up_to(updates)
-        flat_p = [None] * len(flat_u) if params is None else ptreedef.flatten_up_to(params)
-        entries = ptreedef.flatten_up_to(state.arrays)
-        new_u, new_arrays = [], []
-        columns: list[list[Any]] = [[] for _ in state.scalars]
-        j = 0
-        for g, p, entry in zip(flat_u, flat_p, entries, strict=True):
-            if is_frozen_leaf(entry):
-                new_u.append(jnp.zeros_like(g) if not is_frozen_leaf(g) else g)
-                new_arrays.append(entry)
-                continue
-            scalars = iter([vec[j] for vec in state.scalars])
-            rest = iter(entry)
-            leaves = [next(scalars) if pk else next(rest) for pk in packed]
-            u, new_state = inner.update(g, sdef.unflatten(leaves), p)
-            new_leaves = jax.tree.leaves(new_state)
-            new_u.append(u)
-            new_arrays.append(tuple(x for x, pk in zip(new_leaves, packed, strict=True) if not pk))
-            packed_leaves = [x for x, pk in zip(new_leaves, packed, strict=True) if pk]
-            for column, x in zip(columns, packed_leaves, strict=True):
-                column.append(x)
-            j += 1
-        scalars = tuple(
-            jnp.stack(c) if c else v for c, v in zip(columns, state.scalars, strict=True)
-        )
-        new_state = PerLeafState(scalars, ptreedef.unflatten(new_arrays), state.spec)
-        return ptreedef.unflatten(new_u), new_state
+        if params is None:
+            pairs = jax.tree.map(lambda g, s: inner.update(g, s), updates, state)
+        else:
+            pairs = jax.tree.map(lambda g, s, p: inner.update(g, s, p), updates, state, params)
+        new_updates = jax.tree.map(lambda _, pair: pair[0], updates, pairs)
+        new_state = jax.tree.map(lambda _, pair: pair[1], updates, pairs)
+        return new_updates, new_state
 
     return optax.GradientTransformation(init_fn, update_fn)
 
@@ -439,35 +359,15 @@ def _is_node(x: Any) -> bool:
     return isinstance(x, (TrainableState, MultState))
 
 
-def _is_carry_node(x: Any) -> bool:
-    return is_frozen_leaf(x) or isinstance(x, PerLeafState)
-
-
 def _carry_over(old: Any, new: Any) -> Any:
-    """`new`, with each array taken from `old` where the same key path holds one alike.
-
-    Packed per-leaf scalars (`PerLeafState`) are matched by leaf, not by path: a leaf trainable
-    in both keeps its own (its step count), a newly trainable one keeps `new`'s fresh values.
-    """
-    old_flat = dict(jax.tree_util.tree_flatten_with_path(old, is_leaf=_is_carry_node)[0])
+    """`new`, with each array taken from `old` where the same key path holds one alike."""
+    old_flat = dict(jax.tree_util.tree_flatten_with_path(old, is_leaf=is_frozen_leaf)[0])
 
     def pick(path, x):
         y = old_flat.get(path)
-        if isinstance(x, PerLeafState):
-            if not isinstance(y, PerLeafState) or y.spec != x.spec:
-                return x
-            old_at = {i: j for j, i in enumerate(y.positions())}
-            take = [old_at.get(i, -1) for i in x.positions()]
-            has = np.array([t >= 0 for t in take])
-            idx = np.array([max(t, 0) for t in take], dtype=np.int32)
-            scalars = tuple(
-                jnp.where(has, yv[idx], xv) if len(take) else xv
-                for yv, xv in zip(y.scalars, x.scalars, strict=True)
-            )
-            return PerLeafState(scalars, _carry_over(y.arrays, x.arrays), x.spec)
         if (
             y is not None
-            and not _is_carry_node(y)
+            and not is_frozen_leaf(y)
             and not is_frozen_leaf(x)
             and np.shape(y) == np.shape(x)
             and jnp.result_type(y) == jnp.result_type(x)
@@ -475,7 +375,7 @@ def _carry_over(old: Any, new: Any) -> Any:
             return y
         return x
 
-    return jax.tree_util.tree_map_with_path(pick, new, is_leaf=_is_carry_node)
+    return jax.tree_util.tree_map_with_path(pick, new, is_leaf=is_frozen_leaf)
 
 
 def _restructure(state: TrainableState, param_dict: Any) -> TrainableState:

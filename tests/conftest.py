@@ -31,17 +31,3 @@ class CompileCounter:
 @pytest.fixture
 def compiles():
     return CompileCounter
-
-
-def step_counts(opt_state, names):
-    """`{name: step count}` of the first per-leaf (Adam) state in `opt_state`; `names` in the
-    params' flatten order (sorted, for a Trainer's state)."""
-    from lrmult.transforms import PerLeafState
-
-    found = []
-    jax.tree.map(
-        lambda x: found.append(x) if isinstance(x, PerLeafState) else None,
-        opt_state,
-        is_leaf=lambda x: isinstance(x, PerLeafState),
-    )
-    return {names[i]: int(c) for i, c in found[0].scalar_field(0).items()}
