@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -226,24 +227,80 @@ def add_decayed_weights(
     return optax.GradientTransformation(init, update_fn)
 
 
+# The cohort of each params position (-1: frozen) that `per_leaf` inits should build, when a
+# refresh rebuilds a state for a new frozen set; None: every trainable leaf in cohort 0.
+_COHORTS: contextvars.ContextVar[tuple[int, ...] | None] = contextvars.ContextVar(
+    "lrmult_cohorts", default=None
+)
+
+
+class CohortState:
+    """`inner`'s state once per cohort: the leaves that became trainable at the same time.
+
+    Leaves of one cohort always have equal step counts, so they share one optax state (one
+    count, one traced update: as fast as plain optax). A leaf unfrozen later joins a new cohort
+    whose count starts at zero: its bias correction restarts, as in PyTorch and MXNet.
+    `states` maps a cohort's label to its state, built on the params tree with every leaf
+    outside the cohort replaced by `FrozenLeaf`; `cohorts` (static) gives each position's label.
+    """
+
+    __slots__ = ("states", "cohorts")
+
+    def __init__(self, states: dict[int, Any], cohorts: tuple[int, ...]) -> None:
+        self.states = states
+        self.cohorts = cohorts
+
+    def __repr__(self) -> str:
+        return f"CohortState(cohorts={self.cohorts}, states={self.states!r})"
+
+
+jax.tree_util.register_pytree_with_keys(
+    CohortState,
+    lambda s: (((GetAttrKey("states"), s.states),), s.cohorts),
+    lambda cohorts, children: CohortState(children[0], cohorts),
+    flatten_func=lambda s: ((s.states,), s.cohorts),
+)
+
+
+def _members(tree: Any, cohorts: tuple[int, ...], label: int) -> Any:
+    flat, treedef = _flatten(tree)
+    return treedef.unflatten(
+        [x if c == label else FrozenLeaf() for x, c in zip(flat, cohorts, strict=True)]
+    )
+
+
 def per_leaf(inner: optax.GradientTransformation) -> optax.GradientTransformation:
-    """Run `inner` on each leaf on its own: every leaf gets its own state, step count included.
+    """Give each leaf its own run of `inner`, step count included.
 
     optax's `scale_by_adam` keeps one step count for the whole tree; under `per_leaf` a leaf that
-    joins training later starts its bias correction afresh, as in PyTorch and MXNet.
+    joins training later (unfrozen, through `refresh` or a Trainer) starts its bias correction
+    afresh, as in PyTorch and MXNet. Leaves whose counts are equal by construction (those that
+    joined together) share one state, so the common case costs exactly what `inner` costs.
     """
 
     def init_fn(params):
-        return jax.tree.map(inner.init, params)
+        flat, _ = _flatten(params)
+        cohorts = _COHORTS.get()
+        if cohorts is None or len(cohorts) != len(flat):
+            cohorts = tuple(-1 if is_frozen_leaf(x) else 0 for x in flat)
+        labels = sorted({c for c in cohorts if c >= 0})
+        states = {c: inner.init(_members(params, cohorts, c)) for c in labels}
+        return CohortState(states, cohorts)
 
     def update_fn(updates, state, params=None):
-        if params is None:
-            pairs = jax.tree.map(lambda g, s: inner.update(g, s), updates, state)
-        else:
-            pairs = jax.tree.map(lambda g, s, p: inner.update(g, s, p), updates, state, params)
-        new_updates = jax.tree.map(lambda _, pair: pair[0], updates, pairs)
-        new_state = jax.tree.map(lambda _, pair: pair[1], updates, pairs)
-        return new_updates, new_state
+        flat, treedef = _flatten(updates)
+        out = list(flat)
+        new_states = {}
+        for label, st in state.states.items():
+            u, new_states[label] = inner.update(
+                _members(updates, state.cohorts, label),
+                st,
+                None if params is None else _members(params, state.cohorts, label),
+            )
+            for i, (x, c) in enumerate(zip(_flatten(u)[0], state.cohorts, strict=True)):
+                if c == label:
+                    out[i] = x
+        return treedef.unflatten(out), CohortState(new_states, state.cohorts)
 
     return optax.GradientTransformation(init_fn, update_fn)
 
@@ -380,8 +437,30 @@ def _restructure(state: TrainableState, param_dict: Any) -> TrainableState:
             values.append(jnp.zeros(leaf.shape, dtype))
     params = jax.tree.unflatten(owner.treedef, values)
     new_owner = _Owner(owner.init, pd, owner.treedef, owner.leaves, owner.dtypes, frozen)
-    fresh = owner.init(params)
+    token = _COHORTS.set(_next_cohorts(state.inner, frozen))
+    try:
+        fresh = owner.init(params)
+    finally:
+        _COHORTS.reset(token)
     return TrainableState(_carry_over(state.inner, fresh), new_owner)
+
+
+def _next_cohorts(inner_state: Any, frozen: tuple[bool, ...]) -> tuple[int, ...] | None:
+    """Cohort labels for a new frozen set: leaves that stay trainable keep theirs, leaves that
+    become trainable form one new cohort."""
+    found: list[CohortState] = []
+    jax.tree.map(
+        lambda x: found.append(x) if isinstance(x, CohortState) else None,
+        inner_state,
+        is_leaf=lambda x: isinstance(x, CohortState),
+    )
+    if not found or len(found[0].cohorts) != len(frozen):
+        return None
+    old = found[0].cohorts
+    new_label = max(old, default=-1) + 1
+    return tuple(
+        -1 if fz else (c if c >= 0 else new_label) for c, fz in zip(old, frozen, strict=True)
+    )
 
 
 def _refresh_mult(

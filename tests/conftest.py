@@ -31,3 +31,22 @@ class CompileCounter:
 @pytest.fixture
 def compiles():
     return CompileCounter
+
+
+def step_counts(opt_state, names):
+    """`{name: step count}` of the first per-leaf (Adam) state in `opt_state`; `names` in the
+    params' flatten order (sorted, for a Trainer's state)."""
+    from lrmult.transforms import CohortState
+
+    found = []
+    jax.tree.map(
+        lambda x: found.append(x) if isinstance(x, CohortState) else None,
+        opt_state,
+        is_leaf=lambda x: isinstance(x, CohortState),
+    )
+    node = found[0]
+    return {
+        name: int(node.states[c].count)
+        for name, c in zip(names, node.cohorts, strict=True)
+        if c >= 0
+    }
