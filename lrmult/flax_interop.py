@@ -153,11 +153,14 @@ class NNXTrainer(Trainer):
       optimizer: as for `Trainer` (a name or an `optax.GradientTransformation`).
       optimizer_params: as for `Trainer` (Gluon's keys).
       wrt: the nnx filter of the Variables to train; `None` means `nnx.Param`.
+      **trainer_options: `Trainer`'s keyword options (`check_finite=True`).
 
     Example:
       >>> trainer = lrmult.NNXTrainer(model, None, "adamw", {"learning_rate": 1e-3})
       >>> trainer.params.select(".*bias").setattr("wd_mult", 0.0)
-      >>> loss = trainer.train_step(lambda m, x, y: jnp.mean((m(x) - y) ** 2), x, y)
+      >>> def loss_fn(model, x, y):  # one function object: compiled once
+      ...     return jnp.mean((model(x) - y) ** 2)
+      >>> loss = trainer.train_step(loss_fn, x, y)
     """
 
     def __init__(
@@ -168,6 +171,7 @@ class NNXTrainer(Trainer):
         optimizer_params: Mapping[str, Any] | None = None,
         *,
         wrt: Any = None,
+        **trainer_options: Any,
     ) -> None:
         nnx = _nnx()
         if not isinstance(model, nnx.Pytree):
@@ -183,9 +187,10 @@ class NNXTrainer(Trainer):
         self._model = model
         self._wrt = wrt
         self._check_names(list(_variables(model, wrt)), list(params))
-        super().__init__(params, optimizer, optimizer_params)
-        # The array each model Variable held when last seen: another one was assigned by the user.
-        self._pushed = {n: v.get_value() for n, v in _variables(model, wrt).items()}
+        super().__init__(params, optimizer, optimizer_params, **trainer_options)
+        # The array each model Variable held when last seen: any other one was assigned by the
+        # user and is taken at the next step (so is, at the first, a model array `params` lacks).
+        self._pushed = {n: p._value for n, p in self.params.items()}
         self._nnx_losses: dict[Any, Callable] = {}
 
     @property

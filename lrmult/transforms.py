@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import contextvars
+import sys
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -26,6 +27,24 @@ from lrmult.lookup import FrozenLeaf, is_frozen_leaf
 
 def _flatten(tree: Any) -> tuple[list[Any], Any]:
     return jax.tree.flatten(tree, is_leaf=is_frozen_leaf)
+
+
+def _unbox(params: Any) -> Any:
+    """`params` with flax NNX Variables replaced by their values.
+
+    `nnx.Optimizer` calls `init` on an `nnx.State` of `Param`s: the lookup chain must name
+    `l1/kernel` (not `l1/kernel/value`), and per-leaf scalars (multipliers, step counts) must not
+    come back wrapped in the parameter's Variable, whose sharding metadata does not fit a scalar.
+    """
+    variablelib = sys.modules.get("flax.nnx.variablelib")  # no Variables if flax is not loaded
+    if variablelib is None:
+        return params
+    var = variablelib.Variable
+    return jax.tree.map(
+        lambda x: x.get_value() if isinstance(x, var) else x,
+        params,
+        is_leaf=lambda x: isinstance(x, var) or is_frozen_leaf(x),
+    )
 
 
 def _check_param_dict(param_dict: Any, where: str) -> None:
@@ -139,6 +158,7 @@ def _multiplier(attr: str, param_dict: Any, overrides: Any, idx2name: Any, where
     idx2name = lookup.check_idx2name(idx2name)
 
     def init(params: Any) -> MultState:
+        params = _unbox(params)
         leaves = lookup.leaves_of(params, param_dict, idx2name)
         lookup.check_override_keys(attr, overrides, leaves, param_dict)
         link = _Link(attr, overrides, idx2name, param_dict, leaves)
@@ -279,6 +299,7 @@ def per_leaf(inner: optax.GradientTransformation) -> optax.GradientTransformatio
     """
 
     def init_fn(params):
+        params = _unbox(params)
         flat, _ = _flatten(params)
         cohorts = _COHORTS.get()
         if cohorts is None or len(cohorts) != len(flat):
@@ -373,6 +394,7 @@ def trainable_only(
     _check_param_dict(param_dict, "trainable_only")
 
     def init_fn(params):
+        params = _unbox(params)
         leaves = lookup.leaves_of(params, param_dict, None)
         frozen = tuple(v for v, _ in lookup.resolve("frozen", leaves, param_dict))
         flat, treedef = _flatten(params)
