@@ -52,13 +52,14 @@ def nest(names: Sequence[str]) -> tuple[Any, list[str]]:
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
                 raise ValueError(
-                    f"cannot nest parameter names by '/': {'/'.join(parts[: i + 1])!r} is both a "
-                    f"parameter and a prefix of {name!r}"
+                    f"parameter names {'/'.join(parts[: i + 1])!r} and {name!r} clash: one is a "
+                    f"prefix of the other, so the dict cannot be nested by '/'; rename one"
                 )
             node = child
         if parts[-1] in node:
             raise ValueError(
-                f"cannot nest parameter names by '/': {name!r} is both a parameter and a prefix"
+                f"parameter name {name!r} is also a prefix of other names, so the dict cannot be "
+                f"nested by '/'; rename one"
             )
         node[parts[-1]] = name
 

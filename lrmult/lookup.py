@@ -90,6 +90,37 @@ def leaves_named(
     return out
 
 
+def check_leaves_named(
+    leaves: list[Leaf], param_dict: Mapping[str, Any] | None, where: str
+) -> None:
+    """With a ParamDict, every leaf must name one of its Parameters: a tree that does not match
+    would silently get no multiplier at all."""
+    if param_dict is None:
+        return
+    missing = [leaf.name for leaf in leaves if leaf.name not in param_dict]
+    if not missing:
+        return
+    hint = ""
+    if len(missing) == len(leaves):
+        hint = (
+            "; none of the tree's leaves is in param_dict: pass the tree the ParamDict was built "
+            "from (flax: variables['params'], not variables)"
+        )
+    raise KeyError(
+        f"{where}: leaf {missing[0]!r} names no parameter of param_dict"
+        f"{suggest(missing[0], param_dict)}{hint}"
+    )
+
+
+def check_idx2name_range(idx2name: Mapping[int, str] | None, leaves: list[Leaf]) -> None:
+    for index in idx2name or {}:
+        if not 0 <= index < len(leaves):
+            raise KeyError(
+                f"idx2name: index {index} names no leaf (the tree has {len(leaves)} leaves, "
+                f"indices 0..{len(leaves) - 1})"
+            )
+
+
 def _index_in(param_dict: Mapping[str, Any], name: str) -> int:
     index = getattr(param_dict, "index", None)
     if index is not None:

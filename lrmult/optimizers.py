@@ -2,10 +2,11 @@
 
 Each is a composition of optax primitives, read the way `optax/_src/alias.py` reads, with two more
 links: `add_decayed_weights` (per-leaf `wd_mult`) where the optimizer applies weight decay, and
-`scale_by_lr_mult` just before the learning rate, so `lr_mult` scales the final step and never the
-gradient seen by an adaptive preconditioner. Transformations that keep a step count run under
-`per_leaf`, and with a `param_dict` the whole chain runs under `trainable_only`: frozen leaves hold
-no state.
+`scale_by_lr_mult` last, so `lr_mult` scales the final step (`η·m·u`) and never the gradient seen
+by an adaptive preconditioner. (Last rather than before the learning rate: in float16 `m·u`
+can overflow where `η·m·u`, the step actually taken, does not.) Transformations that keep a step
+count run under `per_leaf`; adaptive scalers keep float32 moments for float16 / bfloat16 leaves;
+with a `param_dict` the whole chain runs under `trainable_only`: frozen leaves hold no state.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import optax
 
 from lrmult.transforms import add_decayed_weights, per_leaf, scale_by_lr_mult, trainable_only
@@ -26,6 +29,28 @@ def _ready(
 ) -> optax.GradientTransformation:
     tx = optax.chain(*(link for link in links if link is not None))
     return tx if param_dict is None else trainable_only(tx, param_dict)
+
+
+def _low_precision(x: Any) -> bool:
+    return hasattr(x, "dtype") and x.dtype in (jnp.float16, jnp.bfloat16)
+
+
+def _in_float32(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+    """Run an adaptive scaler in float32 for float16 / bfloat16 leaves, as mixed-precision
+    training does: its moments are float32 (in float16, g**2 and eps underflow), and its
+    updates come back in each leaf's dtype. A no-op for float32 leaves."""
+
+    def up(tree):
+        return jax.tree.map(lambda x: x.astype(jnp.float32) if _low_precision(x) else x, tree)
+
+    def init_fn(params):
+        return inner.init(up(params))
+
+    def update_fn(updates, state, params=None):
+        out, state = inner.update(up(updates), state, None if params is None else up(params))
+        return jax.tree.map(lambda o, u: o.astype(u.dtype), out, updates), state
+
+    return optax.GradientTransformation(init_fn, update_fn)
 
 
 def _decay(weight_decay, param_dict, wd_mult, idx2name):
@@ -66,8 +91,8 @@ def sgd(
         param_dict,
         _decay(weight_decay, param_dict, wd_mult, idx2name),
         optax.trace(decay=momentum, nesterov=nesterov) if momentum else None,
-        scale_by_lr_mult(param_dict, lr_mult=lr_mult, idx2name=idx2name),
         optax.scale_by_learning_rate(learning_rate),
+        scale_by_lr_mult(param_dict, lr_mult=lr_mult, idx2name=idx2name),
     )
 
 
@@ -114,9 +139,9 @@ def adam(
     return _ready(
         param_dict,
         _decay(weight_decay, param_dict, wd_mult, idx2name),
-        per_leaf(optax.scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root)),
-        scale_by_lr_mult(param_dict, lr_mult=lr_mult, idx2name=idx2name),
+        _in_float32(per_leaf(optax.scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root))),
         optax.scale_by_learning_rate(learning_rate),
+        scale_by_lr_mult(param_dict, lr_mult=lr_mult, idx2name=idx2name),
     )
 
 
@@ -136,10 +161,10 @@ def adamw(
     """AdamW, decoupled (PyTorch's `AdamW`, `optax.adamw`): `w -= η·m·(adam(g) + λ·d·w)`."""
     return _ready(
         param_dict,
-        per_leaf(optax.scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root)),
+        _in_float32(per_leaf(optax.scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root))),
         _decay(weight_decay, param_dict, wd_mult, idx2name),
-        scale_by_lr_mult(param_dict, lr_mult=lr_mult, idx2name=idx2name),
         optax.scale_by_learning_rate(learning_rate),
+        scale_by_lr_mult(param_dict, lr_mult=lr_mult, idx2name=idx2name),
     )
 
 
@@ -170,10 +195,10 @@ def rmsprop(
     return _ready(
         param_dict,
         _decay(weight_decay, param_dict, wd_mult, idx2name),
-        per_leaf(scaler) if bias_correction else scaler,
+        _in_float32(per_leaf(scaler) if bias_correction else scaler),
         optax.trace(decay=momentum, nesterov=nesterov) if momentum else None,
-        scale_by_lr_mult(param_dict, lr_mult=lr_mult, idx2name=idx2name),
         optax.scale_by_learning_rate(learning_rate),
+        scale_by_lr_mult(param_dict, lr_mult=lr_mult, idx2name=idx2name),
     )
 
 
@@ -192,9 +217,11 @@ def adagrad(
     return _ready(
         param_dict,
         _decay(weight_decay, param_dict, wd_mult, idx2name),
-        optax.scale_by_rss(initial_accumulator_value=initial_accumulator_value, eps=eps),
-        scale_by_lr_mult(param_dict, lr_mult=lr_mult, idx2name=idx2name),
+        _in_float32(
+            optax.scale_by_rss(initial_accumulator_value=initial_accumulator_value, eps=eps)
+        ),
         optax.scale_by_learning_rate(learning_rate),
+        scale_by_lr_mult(param_dict, lr_mult=lr_mult, idx2name=idx2name),
     )
 
 
@@ -214,11 +241,11 @@ def lamb(
     """LAMB (optax's): `w -= η·m·trust_ratio(adam(g) + λ·d·w)`."""
     return _ready(
         param_dict,
-        per_leaf(optax.scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root)),
+        _in_float32(per_leaf(optax.scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root))),
         _decay(weight_decay, param_dict, wd_mult, idx2name),
         optax.scale_by_trust_ratio(),
-        scale_by_lr_mult(param_dict, lr_mult=lr_mult, idx2name=idx2name),
         optax.scale_by_learning_rate(learning_rate),
+        scale_by_lr_mult(param_dict, lr_mult=lr_mult, idx2name=idx2name),
     )
 
 
@@ -236,10 +263,10 @@ def lion(
     """Lion (optax's), decoupled decay: `w -= η·m·(sign(...) + λ·d·w)`."""
     return _ready(
         param_dict,
-        optax.scale_by_lion(b1=b1, b2=b2),
+        _in_float32(optax.scale_by_lion(b1=b1, b2=b2)),
         _decay(weight_decay, param_dict, wd_mult, idx2name),
-        scale_by_lr_mult(param_dict, lr_mult=lr_mult, idx2name=idx2name),
         optax.scale_by_learning_rate(learning_rate),
+        scale_by_lr_mult(param_dict, lr_mult=lr_mult, idx2name=idx2name),
     )
 
 

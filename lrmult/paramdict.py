@@ -228,6 +228,9 @@ class ParamDict(Mapping[str, Parameter]):
                     f"update: {name!r} names a different Parameter in each dict; rename one "
                     f"(from_pytree(..., prefix=...)) or share the same Parameter object"
                 )
+        new_names = [n for n in other if n not in self._params]
+        if new_names:
+            nest(list(self._params) + new_names)  # a name that is also a prefix: refuse now
         added = False
         for name, param in other.items():
             if name not in self._params:

@@ -17,6 +17,7 @@ _metadata_version = 0
 MULTIPLIERS = ("lr_mult", "wd_mult")
 ATTRIBUTES = ("lr_mult", "wd_mult", "frozen", "grad_req")
 _GRAD_REQS = {"null": True, "write": False}
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 def metadata_version() -> int:
@@ -43,9 +44,20 @@ def check_multiplier(attr: str, value: Any, name: str | None) -> float:
                 f"{_describe(name)}: {attr} must be a finite number >= 0, "
                 f"got {value!r} of type {type(value).__name__}"
             )
-    value = float(value)
+    try:
+        value = float(value)
+    except OverflowError:
+        raise ValueError(
+            f"{_describe(name)}: {attr} must be a finite number >= 0, got an int too large "
+            f"for a float"
+        ) from None
     if not math.isfinite(value) or value < 0:
         raise ValueError(f"{_describe(name)}: {attr} must be a finite number >= 0, got {value!r}")
+    if value > FLOAT32_MAX:
+        raise ValueError(
+            f"{_describe(name)}: {attr}={value!r} exceeds float32's range ({FLOAT32_MAX:.4g}), "
+            f"in which the optimizer state holds it"
+        )
     return value
 
 
@@ -218,7 +230,11 @@ class Parameter:
         if attr == "grad_req":
             attr = "frozen"
         if attr not in ("lr_mult", "wd_mult", "frozen"):
-            raise AttributeError(f"{_describe(self._name)}: unknown attribute {attr!r}")
+            from lrmult._names import suggest
+
+            raise AttributeError(
+                f"{_describe(self._name)}: unknown attribute {attr!r}{suggest(attr, ATTRIBUTES)}"
+            )
         return getattr(self, "_" + attr) is not None
 
     def _metadata(self) -> dict[str, Any]:

@@ -82,6 +82,33 @@ def _check_lr(value: Any, where: str) -> float:
     return value
 
 
+# Ready-chain arguments and the range each must lie in (decay rates stay below 1).
+_UNIT = ("momentum", "b1", "b2", "decay")
+_NONNEGATIVE = ("eps", "eps_root", "weight_decay", "initial_accumulator_value", "initial_scale")
+_FLAGS = ("nesterov", "centered", "eps_in_sqrt", "bias_correction")
+
+
+def _check_hyperparameter(key: str, arg: str, value: Any) -> Any:
+    """Validate one optimizer_params value now, not deep inside the first jitted step."""
+    where = f"Trainer: optimizer_params[{key!r}]"
+    if arg in _FLAGS:
+        if not isinstance(value, bool):
+            raise TypeError(f"{where} must be True or False, got {value!r}")
+        return value
+    if arg == "learning_rate" or (arg == "momentum" and value is None):
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{where} must be a number, got {value!r} ({type(value).__name__})")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{where} must be finite, got {value!r}")
+    if arg in _UNIT and not 0 <= value < 1:
+        raise ValueError(f"{where} must be in [0, 1), got {value!r}")
+    if arg in _NONNEGATIVE and value < 0:
+        raise ValueError(f"{where} must be >= 0, got {value!r}")
+    return value
+
+
 def _check_clip(key: str, value: Any) -> float | None:
     if value is None:
         return None
@@ -199,7 +226,7 @@ class Trainer:
                         f"Trainer: optimizer_params key {k!r} is not an argument of "
                         f"{key!r}{suggest(k, known)}; accepted: {', '.join(known)}"
                     )
-                kwargs[arg] = v
+                kwargs[arg] = _check_hyperparameter(k, arg, v)
             self._lr = kwargs.pop("learning_rate", _DEFAULT_LR[key])
             self._check_lr_arg(self._lr)
             self._description = (
@@ -229,10 +256,10 @@ class Trainer:
                 links = [
                     add_decayed_weights(wd, pd) if wd else None,
                     optimizer,
-                    scale_by_lr_mult(pd),
                     optax.scale_by_learning_rate(learning_rate)
                     if learning_rate is not None
                     else None,
+                    scale_by_lr_mult(pd),
                 ]
                 return trainable_only(optax.chain(*(t for t in links if t is not None)), pd)
 
@@ -246,6 +273,19 @@ class Trainer:
     def _check_lr_arg(lr: Any) -> None:
         if not callable(lr):
             _check_lr(lr, "Trainer")
+            return
+        try:
+            value = lr(0)
+        except TypeError as e:
+            raise TypeError(
+                f"Trainer: learning_rate is callable but not a schedule step -> rate "
+                f"(an optax schedule such as optax.cosine_decay_schedule(...)): {e}"
+            ) from None
+        if np.ndim(value) != 0:
+            raise TypeError(
+                f"Trainer: the learning_rate schedule must return a scalar, got shape "
+                f"{np.shape(value)} at step 0"
+            )
 
     # -- properties ---------------------------------------------------------------------------
     @property
@@ -455,10 +495,7 @@ class Trainer:
         else:
             leaves, treedef = jax.tree.flatten(grads)
             if treedef != self._treedef:
-                raise ValueError(
-                    "step: grads must be shaped like params.tree() or be a {name: grad} dict; "
-                    f"got a tree with structure {treedef}, expected {self._treedef}"
-                )
+                raise ValueError(f"step: {self._grads_mismatch(grads)}")
             flat = dict(zip(self._order, leaves, strict=True))
         out = {}
         for name in names:
@@ -484,6 +521,27 @@ class Trainer:
                 )
             out[name] = jnp.asarray(g, dtype=g.dtype) if getattr(g, "weak_type", False) else g
         return out
+
+    def _grads_mismatch(self, grads: Any) -> str:
+        """Which leaf a gradient tree lacks (or has in excess), with the closest names."""
+        flat_names = isinstance(grads, Mapping) and all(
+            isinstance(k, str) and "/" in k for k in grads
+        )
+        if flat_names:
+            got = [k for k in grads if isinstance(k, str)]
+        else:
+            got = [leaf.path for leaf in lookup.leaves_of(grads, None, None)]
+        missing = [n for n in self._order if n not in got]
+        extra = [n for n in got if n not in self._params]
+        shape = "a {name: grad} dict" if flat_names else "a tree shaped like params.tree()"
+        if extra:
+            return (
+                f"grads ({shape}) has {extra[0]!r}, which names no parameter"
+                f"{suggest(extra[0], self._names)}"
+            )
+        if missing:
+            return f"grads ({shape}) has no gradient for parameter {missing[0]!r}"
+        return "grads must be shaped like params.tree() or be a {name: grad} dict"
 
     def step(self, grads: Any, batch_size: int | float = 1) -> None:
         """Apply one update from `grads` (rescaled by `1 / batch_size`), as Gluon's `step`.
@@ -531,6 +589,11 @@ class Trainer:
                     raise TypeError(
                         f"train_step: {fname} must return a scalar loss, got "
                         f"{type(loss).__name__} of shape {getattr(loss, 'shape', None)}"
+                    )
+                if not jnp.issubdtype(loss.dtype, jnp.floating):
+                    raise TypeError(
+                        f"train_step: {fname} must return a floating-point loss, got dtype "
+                        f"{loss.dtype}; cast it, e.g. loss.astype(jnp.float32)"
                     )
                 return out
 

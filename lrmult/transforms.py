@@ -160,7 +160,10 @@ def _multiplier(attr: str, param_dict: Any, overrides: Any, idx2name: Any, where
     def init(params: Any) -> MultState:
         params = _unbox(params)
         leaves = lookup.leaves_of(params, param_dict, idx2name)
-        lookup.check_override_keys(attr, overrides, leaves, param_dict)
+        lookup.check_idx2name_range(idx2name, leaves)
+        lookup.check_leaves_named(leaves, param_dict, where)
+        if not _RESTRUCTURING.get():  # a refresh warns about overrides shadowed since instead
+            lookup.check_override_keys(attr, overrides, leaves, param_dict)
         link = _Link(attr, overrides, idx2name, param_dict, leaves)
         flat, treedef = _flatten(params)
         values = [
@@ -246,6 +249,12 @@ def add_decayed_weights(
 
     return optax.GradientTransformation(init, update_fn)
 
+
+# Set while a refresh rebuilds a state for a new frozen set: overrides shadowed since `init` then
+# draw the warning of `refresh`, not the error of `init`.
+_RESTRUCTURING: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "lrmult_restructuring", default=False
+)
 
 # The cohort of each params position (-1: frozen) that `per_leaf` inits should build, when a
 # refresh rebuilds a state for a new frozen set; None: every trainable leaf in cohort 0.
@@ -369,12 +378,19 @@ jax.tree_util.register_pytree_with_keys(
 )
 
 
-def _masked(tree: Any, frozen: tuple[bool, ...]) -> Any:
+def _masked(tree: Any, frozen: tuple[bool, ...], leaves: list[lookup.Leaf]) -> Any:
     flat, treedef = _flatten(tree)
     if len(flat) != len(frozen):
+        got = {leaf.path for leaf in lookup.leaves_of(tree, None, None)}
+        want = [leaf.path for leaf in leaves]
+        missing = [n for n in want if n not in got]
+        extra = sorted(got - set(want))
+        detail = (
+            f"leaf {missing[0]!r} is missing" if missing else f"leaf {extra[0]!r} is unexpected"
+        )
         raise ValueError(
-            f"trainable_only: the tree has {len(flat)} leaves, the state was built for "
-            f"{len(frozen)}"
+            f"trainable_only: the tree does not match the state: {detail} ({len(flat)} leaves, "
+            f"the state was built for {len(frozen)})"
         )
     return jax.tree.unflatten(
         treedef, [FrozenLeaf() if fz else x for x, fz in zip(flat, frozen, strict=True)]
@@ -396,16 +412,19 @@ def trainable_only(
     def init_fn(params):
         params = _unbox(params)
         leaves = lookup.leaves_of(params, param_dict, None)
+        lookup.check_leaves_named(leaves, param_dict, "trainable_only")
         frozen = tuple(v for v, _ in lookup.resolve("frozen", leaves, param_dict))
         flat, treedef = _flatten(params)
         dtypes = [None if is_frozen_leaf(x) else jnp.result_type(x) for x in flat]
         owner = _Owner(inner.init, param_dict, treedef, leaves, dtypes, frozen)
-        return TrainableState(inner.init(_masked(params, frozen)), owner)
+        return TrainableState(inner.init(_masked(params, frozen, leaves)), owner)
 
     def update_fn(updates, state, params=None):
-        frozen = state.owner.frozen
-        masked_params = None if params is None else _masked(params, frozen)
-        new_updates, new_inner = inner.update(_masked(updates, frozen), state.inner, masked_params)
+        frozen, leaves = state.owner.frozen, state.owner.leaves
+        masked_params = None if params is None else _masked(params, frozen, leaves)
+        new_updates, new_inner = inner.update(
+            _masked(updates, frozen, leaves), state.inner, masked_params
+        )
         flat_in, treedef = _flatten(updates)
         flat_out = _flatten(new_updates)[0]
         out = [
@@ -446,6 +465,7 @@ def _carry_over(old: Any, new: Any) -> Any:
 def _restructure(state: TrainableState, param_dict: Any) -> TrainableState:
     owner = state.owner
     pd = param_dict if param_dict is not None else owner.param_dict
+    lookup.check_leaves_named(owner.leaves, pd, "refresh")
     frozen = tuple(v for v, _ in lookup.resolve("frozen", owner.leaves, pd))
     if frozen == owner.frozen:
         return state
@@ -460,10 +480,12 @@ def _restructure(state: TrainableState, param_dict: Any) -> TrainableState:
     params = jax.tree.unflatten(owner.treedef, values)
     new_owner = _Owner(owner.init, pd, owner.treedef, owner.leaves, owner.dtypes, frozen)
     token = _COHORTS.set(_next_cohorts(state.inner, frozen))
+    restructuring = _RESTRUCTURING.set(True)
     try:
         fresh = owner.init(params)
     finally:
         _COHORTS.reset(token)
+        _RESTRUCTURING.reset(restructuring)
     return TrainableState(_carry_over(state.inner, fresh), new_owner)
 
 
@@ -489,6 +511,7 @@ def _refresh_mult(
     state: MultState, param_dict: Any, overrides: Mapping | None, warned: set | None
 ) -> MultState:
     link = state.link.renamed(param_dict if param_dict is not None else state.link.param_dict)
+    lookup.check_leaves_named(link.leaves, link.param_dict, "refresh")
     overrides = link.overrides if overrides is None else overrides
     warned = link.warned if warned is None else warned
     for key, name in lookup.shadowed(link.attr, overrides, link.leaves, link.param_dict):
