@@ -77,8 +77,11 @@ def _check_lr(value: Any, where: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
         raise TypeError(f"{where}: learning rate must be a number, got {type(value).__name__}")
     value = float(value)
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"{where}: learning rate must be a finite number >= 0, got {value!r}")
+    if not math.isfinite(value) or value < 0 or value > _parameter.FLOAT32_MAX:
+        raise ValueError(
+            f"{where}: learning rate must be a finite number >= 0 within float32's range, "
+            f"got {value!r}"
+        )
     return value
 
 

@@ -631,4 +631,42 @@ def explain(
         wd_node.link.overrides if wd_node is not None else None,
         float(learning_rate),
     )
+
+    def differs(held, resolved):
+        return held is not None and np.float32(held) != np.float32(resolved)
+
+    stale = []
+    for k, (row, (m, d)) in enumerate(
+        zip(rows, _applied(lr_node, wd_node, len(rows)), strict=True)
+    ):
+        if row.frozen or not (differs(m, row.lr_mult) or differs(d, row.wd_mult)):
+            continue
+        stale.append(row.name)
+        # Show what the state applies; "state" marks a value param_dict has changed since.
+        if differs(m, row.lr_mult):
+            row = row._replace(lr_mult=m, lr=float(learning_rate) * m, lr_source="state")
+        if differs(d, row.wd_mult):
+            row = row._replace(wd_mult=d, wd_source="state")
+        rows[k] = row
+    if stale:
+        warnings.warn(
+            f"explain: the state applies other multipliers than param_dict now says (first: "
+            f"{stale[0]!r}); call lrmult.refresh(opt_state, param_dict) before the next update",
+            stacklevel=2,
+        )
     return Table(rows, title=f"lrmult.explain (base learning rate {learning_rate:.6g})")
+
+
+def _applied(lr_node: MultState, wd_node: MultState | None, n: int):
+    """The multipliers the state holds, by index order of the rows (None where frozen)."""
+
+    def by_index(node):
+        if node is None:
+            return [None] * n
+        flat = _flatten(node.values)[0]
+        values = dict.fromkeys(range(n))
+        for leaf, x in zip(node.link.leaves, flat, strict=True):
+            values[leaf.index] = None if is_frozen_leaf(x) else _host_value(x)
+        return [values[i] for i in sorted(values)]
+
+    return list(zip(by_index(lr_node), by_index(wd_node), strict=True))
