@@ -22,7 +22,7 @@ import numpy as np
 from lrmult._names import path_name, suggest
 from lrmult.parameter import check_multiplier
 
-SOURCES = ("param", "index", "name", "default")
+SOURCES = ("param", "index", "name", "default")  # "param" may be a preset's name instead
 
 
 class FrozenLeaf:
@@ -233,7 +233,7 @@ def resolve(
     for leaf in leaves:
         param = _param(param_dict, leaf.name)
         if param is not None and param.is_set(attr):
-            out.append((getattr(param, attr), "param"))
+            out.append((getattr(param, attr), param.origin(attr)))
         elif attr != "frozen" and leaf.index in overrides:
             out.append((overrides[leaf.index], "index"))
         elif attr != "frozen" and leaf.name in overrides:

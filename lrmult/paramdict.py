@@ -197,6 +197,7 @@ class ParamDict(Mapping[str, Parameter]):
         slot = "_" + attr
         for param in self._params.values():
             setattr(param, slot, value)
+            param._origin.pop(attr, None)
         _parameter._bump()
         return self
 

@@ -113,7 +113,7 @@ class Parameter:
       >>> p.grad_req = "null"      # Gluon's spelling of p.frozen = True
     """
 
-    __slots__ = ("_value", "_name", "_lr_mult", "_wd_mult", "_frozen", "_donatable")
+    __slots__ = ("_value", "_name", "_lr_mult", "_wd_mult", "_frozen", "_donatable", "_origin")
 
     def __init__(
         self,
@@ -138,6 +138,8 @@ class Parameter:
         self._frozen = fz
         # Only arrays a Trainer produced may be donated to its jitted step; user arrays stay valid.
         self._donatable = False
+        # attr -> what set it, when not the user directly (a preset): explain() shows it.
+        self._origin: dict[str, str] = {}
 
     # -- value -------------------------------------------------------------------------------
     @property
@@ -180,11 +182,13 @@ class Parameter:
 
     @lr_mult.setter
     def lr_mult(self, value: float | None) -> None:
+        self._origin.pop("lr_mult", None)
         self._lr_mult = None if value is None else check_multiplier("lr_mult", value, self._name)
         _bump()
 
     @lr_mult.deleter
     def lr_mult(self) -> None:
+        self._origin.pop("lr_mult", None)
         self._lr_mult = None
         _bump()
 
@@ -194,11 +198,13 @@ class Parameter:
 
     @wd_mult.setter
     def wd_mult(self, value: float | None) -> None:
+        self._origin.pop("wd_mult", None)
         self._wd_mult = None if value is None else check_multiplier("wd_mult", value, self._name)
         _bump()
 
     @wd_mult.deleter
     def wd_mult(self) -> None:
+        self._origin.pop("wd_mult", None)
         self._wd_mult = None
         _bump()
 
@@ -208,11 +214,13 @@ class Parameter:
 
     @frozen.setter
     def frozen(self, value: bool | None) -> None:
+        self._origin.pop("frozen", None)
         self._frozen = None if value is None else check_frozen(value, self._name)
         _bump()
 
     @frozen.deleter
     def frozen(self) -> None:
+        self._origin.pop("frozen", None)
         self._frozen = None
         _bump()
 
@@ -224,6 +232,17 @@ class Parameter:
     @grad_req.setter
     def grad_req(self, value: str) -> None:
         self.frozen = check_grad_req(value, self._name)
+
+    def _set_by(self, attr: str, value: Any, origin: str) -> None:
+        """Set `attr` on behalf of `origin` (a preset), which explain() then names as the source."""
+        setattr(self, attr, value)
+        self._origin[attr] = origin
+
+    def origin(self, attr: str) -> str | None:
+        """What set `attr` (`'param'` for the user, a preset's name), or None if unset."""
+        if not self.is_set(attr):
+            return None
+        return self._origin.get(attr, "param")
 
     def is_set(self, attr: str) -> bool:
         """Whether `attr` (`lr_mult`, `wd_mult` or `frozen`) was set on this parameter."""
