@@ -162,18 +162,19 @@ class Parameter:
     def set_data(self, value: Any) -> None:
         """Replace the value; the shape and dtype must stay the same."""
         value = _as_array(value, self._name)
-        if tuple(value.shape) != self.shape:
-            raise ValueError(
-                f"{_describe(self._name)}: set_data expects shape {self.shape}, "
-                f"got {tuple(value.shape)}"
-            )
-        if value.dtype != self.dtype:
-            raise ValueError(
-                f"{_describe(self._name)}: set_data expects dtype {self.dtype}, got {value.dtype} "
-                f"(cast it first, e.g. value.astype({str(self.dtype)!r}))"
-            )
+        self.check_like(value, f"{_describe(self._name)}: set_data")
         self._value = value
         self._donatable = False
+
+    def check_like(self, value: Any, what: str) -> None:
+        """Raise unless `value` has this parameter's shape and dtype; `what` starts the message."""
+        if tuple(value.shape) != self.shape:
+            raise ValueError(f"{what} expects shape {self.shape}, got {tuple(value.shape)}")
+        if value.dtype != self.dtype:
+            raise ValueError(
+                f"{what} expects dtype {self.dtype}, got {value.dtype} (cast it first, e.g. "
+                f"value.astype({str(self.dtype)!r}))"
+            )
 
     # -- metadata ----------------------------------------------------------------------------
     @property

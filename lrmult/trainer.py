@@ -512,16 +512,7 @@ class Trainer:
                 g = np.asarray(g)
             if not isinstance(g, (jax.Array, np.ndarray)):
                 raise TypeError(f"step: gradient of {name!r} is a {type(g).__name__}, not an array")
-            if tuple(g.shape) != p.shape:
-                raise ValueError(
-                    f"step: gradient of {name!r} has shape {tuple(g.shape)}, the parameter has "
-                    f"{p.shape}"
-                )
-            if g.dtype != p.dtype:
-                raise ValueError(
-                    f"step: gradient of {name!r} has dtype {g.dtype}, the parameter has "
-                    f"{p.dtype}; cast it with .astype({str(p.dtype)!r})"
-                )
+            p.check_like(g, f"step: the gradient of {name!r}")
             out[name] = jnp.asarray(g, dtype=g.dtype) if getattr(g, "weak_type", False) else g
         return out
 
