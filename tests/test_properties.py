@@ -431,8 +431,9 @@ def test_iv_explain_describes_the_state_at_the_optax_level():
     updates, _ = tx.update({"a": jnp.ones(2), "b": jnp.ones(2)}, state, pd.tree())
     applied = -float(updates["a"][0])
     assert applied == 1.0
-    row = {r.name: r for r in lrmult.explain(state, learning_rate=1.0)}["a"]
-    assert (row.lr_mult, row.lr) == (1.0, applied)
+    with pytest.warns(UserWarning, match=r"'a'.*lrmult.refresh"):
+        row = {r.name: r for r in lrmult.explain(state, learning_rate=1.0)}["a"]
+    assert (row.lr_mult, row.lr, row.lr_source) == (1.0, applied, "state")
 
 
 def test_iv_explain_without_a_param_dict_shows_the_parameters():
