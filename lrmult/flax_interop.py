@@ -1,6 +1,6 @@
 """flax interop: ParamDicts from NNX modules and Linen params, and a Trainer that drives NNX.
 
-- `from_nnx(model)`: one Parameter per `nnx.Param` of a module, named by its attribute path
+- `from_nnx(model, filter=nnx.Param)`: one Parameter per `nnx.Param` of a module, named by its path
   (`layers/0/kernel`); `lr_mult` / `wd_mult` / `frozen` / `grad_req` given as Variable metadata
   (`nnx.Param(x, lr_mult=0.1)`) seed the Parameters.
 - `from_linen(variables["params"])`: names leaves through Linen's metadata boxes
@@ -47,17 +47,19 @@ def _variables(model: Any, wrt: Any) -> dict[str, Any]:
     return {path_name(path): var for path, var in flat}
 
 
-def from_nnx(model: Any, wrt: Any = None, *, prefix: str = "") -> ParamDict:
-    """One Parameter per `wrt` Variable (default `nnx.Param`) of an NNX module.
+def from_nnx(model: Any, filter: Any = None, *, wrt: Any = None, prefix: str = "") -> ParamDict:
+    """One Parameter per `filter` Variable (default `nnx.Param`) of an NNX module.
 
-    Names are attribute paths joined with `/` (`encoder/layers/0/kernel`), as in
-    `nnx.state(model, wrt)`; a Variable shared by two attributes is one Parameter. Variable
-    metadata `lr_mult`, `wd_mult`, `frozen` or `grad_req` (`nnx.Param(x, lr_mult=0.1)`,
-    `nnx.with_metadata(init, wd_mult=0.0)`) is copied onto the Parameter once, here.
+    Names are attribute paths joined with `/` (`backbone/kernel`, `layers/0/kernel`), as in
+    `nnx.state(model, filter)`; a Variable shared by two attributes is one Parameter. Variable
+    metadata `lr_mult`, `wd_mult`, `frozen` or `grad_req` is copied onto the Parameter once,
+    here, as explicitly set values (`nnx.Linear(..., kernel_metadata={"lr_mult": 0.1})`,
+    `nnx.Param(x, frozen=True)`, `nnx.with_metadata(init, wd_mult=0.0)`).
 
     Args:
       model: an `nnx.Module` (or any NNX graph node).
-      wrt: an nnx filter choosing the Variables to train; `None` means `nnx.Param`.
+      filter: an nnx filter choosing the Variables to train; `None` means `nnx.Param`.
+      wrt: an alias of `filter` (the name `nnx.Optimizer` uses); give one of the two.
       prefix: prepended to every name as is.
 
     Returns:
@@ -65,23 +67,26 @@ def from_nnx(model: Any, wrt: Any = None, *, prefix: str = "") -> ParamDict:
       `nnx.update(model, params.tree())` writes the values back.
 
     Example:
-      >>> params = lrmult.from_nnx(model)
+      >>> params = lrmult.ParamDict.from_nnx(model, filter=nnx.Param)
       >>> params.select("backbone/").setattr("lr_mult", 0.1)
     """
     nnx = _nnx()
     if not isinstance(model, nnx.Pytree):
         raise TypeError(f"from_nnx: expected an nnx.Module, got {type(model).__name__}")
+    if filter is not None and wrt is not None:
+        raise TypeError("from_nnx: give filter= or its alias wrt=, not both")
+    wrt = filter if filter is not None else wrt
     wrt = nnx.Param if wrt is None else wrt
     variables = _variables(model, wrt)
     if not variables:
-        raise ValueError(f"from_nnx: the model holds no Variable matching wrt={wrt!r}")
+        raise ValueError(f"from_nnx: the model holds no Variable matching filter={wrt!r}")
     pure = nnx.as_pure(nnx.state(model, wrt))
     for name, var in variables.items():
         value = var.get_value()
         if not isinstance(value, jax.Array | np.ndarray):
             raise TypeError(
                 f"from_nnx: Variable {prefix + name!r} holds a {type(value).__name__}, "
-                f"not an array; narrow wrt= to the Variables you train"
+                f"not an array; narrow filter= to the Variables you train"
             )
     params = ParamDict.from_pytree(pure, prefix=prefix)
     for name, var in variables.items():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from collections.abc import Iterator, Mapping
 from typing import Any, NamedTuple
 
@@ -30,6 +31,18 @@ def _is_array(x: Any) -> bool:
     return isinstance(x, (jax.Array, np.ndarray, np.generic))
 
 
+def _has_boxes(tree: Any) -> bool:
+    """Whether `tree` holds flax metadata boxes (only possible once flax is imported)."""
+    meta = sys.modules.get("flax.core.meta")
+    if meta is None:
+        return False
+
+    def is_box(x: Any) -> bool:
+        return isinstance(x, meta.AxisMetadata)
+
+    return any(is_box(x) for x in jax.tree.leaves(tree, is_leaf=is_box))
+
+
 class ParamDict(Mapping[str, Parameter]):
     """An ordered mapping name -> `Parameter`; the index of a parameter is its position.
 
@@ -54,8 +67,13 @@ class ParamDict(Mapping[str, Parameter]):
     def from_pytree(cls, tree: Any, *, prefix: str = "") -> ParamDict:
         """One Parameter per array leaf, named by its key path joined with `/`.
 
+        Linen metadata boxes (`flax.core.meta.AxisMetadata`: `nn.Partitioned`,
+        `nn.LogicallyPartitioned`) are seen through, as by `lrmult.from_linen`: names stop at the
+        box (`Dense_0/kernel`), and `tree()` rebuilds the boxes, so `model.apply` and
+        `nn.get_partition_spec` keep working on it.
+
         Args:
-          tree: a pytree of arrays (nested dicts, lists, flax `params`, ...).
+          tree: a pytree of arrays (nested dicts, lists, Linen `variables["params"]`, ...).
           prefix: prepended to every name as is (`prefix="trunk/"` gives `trunk/conv/kernel`).
 
         Returns:
@@ -68,6 +86,10 @@ class ParamDict(Mapping[str, Parameter]):
         """
         if not isinstance(prefix, str):
             raise TypeError(f"from_pytree: prefix must be a str, got {type(prefix).__name__}")
+        if _has_boxes(tree):
+            from lrmult.flax_interop import from_linen
+
+            return from_linen(tree, prefix=prefix)
         leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
         if not leaves:
             raise ValueError("from_pytree: the tree has no array leaves")
@@ -95,15 +117,18 @@ class ParamDict(Mapping[str, Parameter]):
         return out
 
     @classmethod
-    def from_nnx(cls, model: Any, wrt: Any = None, *, prefix: str = "") -> ParamDict:
-        """One Parameter per `nnx.Param` (or `wrt` Variable) of a flax NNX module.
+    def from_nnx(
+        cls, model: Any, filter: Any = None, *, wrt: Any = None, prefix: str = ""
+    ) -> ParamDict:
+        """One Parameter per `nnx.Param` (or `filter` Variable) of a flax NNX module.
 
         See `lrmult.from_nnx`: names are attribute paths (`layers/0/kernel`), Variable metadata
-        `lr_mult` / `wd_mult` / `frozen` seeds the Parameters, `tree()` is a pure `nnx.State`.
+        `lr_mult` / `wd_mult` / `frozen` seeds the Parameters, `tree()` is a pure `nnx.State`;
+        `wrt=` is an alias of `filter=`.
         """
         from lrmult.flax_interop import from_nnx
 
-        return from_nnx(model, wrt, prefix=prefix)
+        return from_nnx(model, filter, wrt=wrt, prefix=prefix)
 
     def _add(self, name: str, param: Parameter) -> None:
         self._index[name] = len(self._params)

@@ -94,6 +94,55 @@ def test_from_nnx_seeds_parameters_from_variable_metadata():
     assert not any(params["u"].is_set(a) for a in ("lr_mult", "wd_mult", "frozen"))
 
 
+class Backbone(nnx.Module):
+    """Metadata set where the issue says users set it: Linear's kernel_metadata, nnx.Param."""
+
+    def __init__(self):
+        rngs = nnx.Rngs(0)
+        self.backbone = nnx.Linear(2, 1, kernel_metadata={"lr_mult": 0.1}, rngs=rngs)
+        self.backbone.kernel[...] = jnp.array(W0)
+        self.backbone.bias[...] = jnp.array(B0)
+        self.offset = nnx.Param(jnp.array([3.0]), frozen=True)
+
+    def __call__(self, x):
+        return self.backbone(x) + self.offset[...]
+
+
+def test_from_nnx_filter_reads_kernel_metadata_and_param_metadata_as_set_values():
+    model = Backbone()
+    params = ParamDict.from_nnx(model, filter=nnx.Param)
+    assert list(params) == ["backbone/bias", "backbone/kernel", "offset"]
+    kernel = params["backbone/kernel"]
+    assert kernel.lr_mult == 0.1 and kernel.is_set("lr_mult") and not kernel.is_set("wd_mult")
+    assert params["offset"].frozen and params["offset"].is_set("frozen")
+    assert not any(params["backbone/bias"].is_set(a) for a in ("lr_mult", "wd_mult", "frozen"))
+    assert list(lrmult.from_nnx(model, wrt=nnx.Param)) == list(params)  # the alias
+    with pytest.raises(TypeError, match="not both"):
+        lrmult.from_nnx(model, nnx.Param, wrt=nnx.Param)
+
+
+def test_nnx_optimizer_and_nnx_jit_follow_variable_metadata(compiles):
+    model = Backbone()
+    params = ParamDict.from_nnx(model, filter=nnx.Param)
+    optimizer = nnx.Optimizer(model, lrmult.sgd(0.1, param_dict=params), wrt=nnx.Param)
+    nnx_opt_step(model, optimizer, X, Y)
+    # Prediction 1 + 2 + 0.5 + 3 = 6.5, gradient 13: kernel -= 0.1 * 0.1 * 13, bias -= 0.1 * 13,
+    # the frozen offset stays 3.
+    np.testing.assert_allclose(model.backbone.kernel[...], [[1 - 0.13], [2 - 0.13]], rtol=1e-5)
+    np.testing.assert_allclose(model.backbone.bias[...], [0.5 - 1.3], rtol=1e-5)
+    np.testing.assert_array_equal(model.offset[...], [3.0])
+    # Prediction 0.87 + 1.87 - 0.8 + 3 = 4.94, gradient 9.88; the kernel's lr_mult is now 1.
+    count = compiles()
+    params["backbone/kernel"].lr_mult = 1.0
+    lrmult.refresh_optimizer(optimizer)
+    nnx_opt_step(model, optimizer, X, Y)
+    assert count("nnx_opt_step") == 0
+    np.testing.assert_allclose(
+        model.backbone.kernel[...], [[0.87 - 0.988], [1.87 - 0.988]], rtol=1e-5
+    )
+    np.testing.assert_array_equal(model.offset[...], [3.0])
+
+
 def test_from_nnx_refuses_bad_metadata_naming_the_parameter():
     class M(nnx.Module):
         def __init__(self):
@@ -106,7 +155,7 @@ def test_from_nnx_refuses_bad_metadata_naming_the_parameter():
 def test_from_nnx_errors():
     with pytest.raises(TypeError, match="expected an nnx.Module"):
         lrmult.from_nnx({"w": jnp.ones(2)})
-    with pytest.raises(ValueError, match="no Variable matching"):
+    with pytest.raises(ValueError, match="no Variable matching filter="):
         lrmult.from_nnx(Net(), nnx.BatchStat)
 
 
@@ -325,3 +374,26 @@ def test_from_linen_plain_params_and_errors():
     assert list(lrmult.from_linen(plain)) == list(ParamDict.from_pytree(plain))
     with pytest.raises(ValueError, match=r"pass variables\['params'\]"):
         lrmult.from_linen({"params": plain})
+
+
+def test_from_pytree_unboxes_linen_metadata_and_apply_works_with_a_trainer():
+    model = Dense()
+    variables = model.init(jax.random.PRNGKey(0), X)
+    params = ParamDict.from_pytree(variables["params"])
+    assert list(params) == ["Dense_0/bias", "Dense_0/kernel"]  # not Dense_0/kernel/value
+    assert nn.get_partition_spec(params.tree())["Dense_0"]["kernel"] == P(None, "model")
+    params["Dense_0/kernel"].set_data(jnp.array(W0))
+    params["Dense_0/bias"].set_data(jnp.array(B0))
+    params["Dense_0/bias"].frozen = True
+    trainer = lrmult.Trainer(params, "sgd", {"learning_rate": 0.1})
+
+    def loss_fn(tree, x, y):
+        return jnp.mean((model.apply({"params": tree}, x) - y) ** 2)
+
+    assert float(trainer.train_step(loss_fn, X, Y)) == pytest.approx(12.25)
+    kernel = params.tree()["Dense_0"]["kernel"]
+    assert isinstance(kernel, nn.Partitioned) and kernel.names == (None, "model")
+    np.testing.assert_allclose(kernel.value, [[0.3], [1.3]], rtol=1e-6)
+    np.testing.assert_array_equal(params["Dense_0/bias"].data(), B0)
+    with pytest.raises(ValueError, match=r"pass variables\['params'\]"):
+        ParamDict.from_pytree(variables)
