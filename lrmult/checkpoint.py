@@ -174,8 +174,7 @@ def load_trainer(trainer, path: str | os.PathLike) -> None:
     overrides_before = (dict(trainer._lr_overrides), dict(trainer._wd_overrides))
     try:
         for d in meta["params"]:
-            p = trainer.params[d["name"]]
-            p._lr_mult, p._wd_mult, p._frozen = d["lr_mult"], d["wd_mult"], d["frozen"]
+            trainer.params[d["name"]]._restore_metadata(d)
         trainer._lr_overrides.clear()
         trainer._lr_overrides.update(_decode_overrides(meta["lr_overrides"]))
         trainer._wd_overrides.clear()
@@ -183,8 +182,7 @@ def load_trainer(trainer, path: str | os.PathLike) -> None:
         trainer._restore_state(arrays)
     except BaseException:
         for n, raw in before.items():
-            p = trainer.params[n]
-            p._lr_mult, p._wd_mult, p._frozen = raw["lr_mult"], raw["wd_mult"], raw["frozen"]
+            trainer.params[n]._restore_metadata(raw)
         trainer._lr_overrides.clear()
         trainer._lr_overrides.update(overrides_before[0])
         trainer._wd_overrides.clear()

@@ -258,8 +258,19 @@ class Parameter:
         return getattr(self, "_" + attr) is not None
 
     def _metadata(self) -> dict[str, Any]:
-        """The raw (possibly unset) metadata, for checkpoints."""
-        return {"lr_mult": self._lr_mult, "wd_mult": self._wd_mult, "frozen": self._frozen}
+        """The raw (possibly unset) metadata and what set it, for checkpoints."""
+        return {
+            "lr_mult": self._lr_mult,
+            "wd_mult": self._wd_mult,
+            "frozen": self._frozen,
+            "origin": dict(self._origin),
+        }
+
+    def _restore_metadata(self, raw: dict[str, Any]) -> None:
+        """Put back what `_metadata` returned (no validation: it came from this class)."""
+        self._lr_mult, self._wd_mult, self._frozen = raw["lr_mult"], raw["wd_mult"], raw["frozen"]
+        self._origin = dict(raw.get("origin", {}))
+        _bump()
 
     def __repr__(self) -> str:
         parts = [f"name={self._name!r}", f"shape={self.shape}", f"dtype={self.dtype}"]

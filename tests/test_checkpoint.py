@@ -221,3 +221,18 @@ def test_a_save_killed_part_way_leaves_the_previous_checkpoint_loadable(tmp_path
     pd2, trainer2 = small()
     trainer2.load_states(tmp_path / "ck")
     assert pd2["a"].lr_mult == 0.25
+
+
+def test_load_restores_what_a_preset_set_and_names_it(tmp_path):
+    import lrmult
+
+    pd = ParamDict.from_pytree({"layers": [{"w": jnp.ones(2)}, {"w": jnp.ones(2)}]})
+    lrmult.presets.layerwise_lr_decay(pd, 0.5)
+    trainer = Trainer(pd, "sgd", {"learning_rate": 0.1})
+    trainer.save_states(tmp_path / "ck")
+    pd2 = ParamDict.from_pytree({"layers": [{"w": jnp.ones(2)}, {"w": jnp.ones(2)}]})
+    trainer2 = Trainer(pd2, "sgd", {"learning_rate": 0.1})
+    trainer2.load_states(tmp_path / "ck")
+    rows = {r.name: r for r in trainer2.explain()}
+    assert rows["layers/0/w"].lr_source == "preset:layerwise_lr_decay"
+    assert (rows["layers/0/w"].lr_mult, rows["layers/1/w"].lr_mult) == (0.25, 0.5)  # 0.5**(3-id)
