@@ -22,6 +22,7 @@ from lrmult.optimizers import OPTIMIZERS
 from lrmult.paramdict import ParamDict
 from lrmult.parameter import Parameter
 from lrmult.transforms import (
+    MultState,
     _host_value,
     _place,
     _refresh,
@@ -31,6 +32,27 @@ from lrmult.transforms import (
 )
 
 _FROZEN = FrozenLeaf()
+
+
+def _is_mult(x: Any) -> bool:
+    return isinstance(x, MultState)
+
+
+def _split_state(state: Any) -> tuple[Any, list[Any], tuple[MultState, ...]]:
+    """`(outer treedef, items with None where a MultState stands, the MultStates)`.
+
+    The multipliers are read-only inside the step: passing them apart (not donated, not
+    returned) spares the step one output array per leaf and multiplier kind, whose creation
+    and release cost ~1 us each.
+    """
+    items, outer = jax.tree.flatten(state, is_leaf=_is_mult)
+    return outer, [None if _is_mult(x) else x for x in items], tuple(filter(_is_mult, items))
+
+
+def _join_state(outer: Any, rest: list[Any], mults: tuple[MultState, ...]) -> Any:
+    it = iter(mults)
+    return outer.unflatten([next(it) if x is None else x for x in rest])
+
 
 # Gluon's optimizer_params keys -> the ready chains' argument names.
 _GLUON_KEYS = {"wd": "weight_decay", "beta1": "b1", "beta2": "b2", "epsilon": "eps"}
@@ -203,7 +225,9 @@ class Trainer:
         self._dirty = False
         self._warned: set[Any] = set()
         self._train_fns: dict[Any, Callable] = {}
-        self._apply_fn = jax.jit(self._lrmult_apply_step, donate_argnums=(0, 1))
+        self._apply_fn = jax.jit(
+            self._lrmult_apply_step, donate_argnums=(0, 1), static_argnames="outer"
+        )
 
     def _direction(self, optimizer: Any, opts: dict[str, Any]) -> Callable[[Any], Any]:
         """Validate `optimizer` / `optimizer_params`; return learning_rate -> transformation."""
@@ -461,8 +485,15 @@ class Trainer:
                 p._value = value
                 p._donatable = True
 
-    def _update(self, grads, opt_state, trainable):
-        """The update inside both jitted steps; with `check_finite`, a no-op on bad gradients."""
+    def _update(self, grads, parts, trainable):
+        """The update inside both jitted steps; with `check_finite`, a no-op on bad gradients.
+
+        `parts` is `(outer, rest, mults)` of `_split_state`; the new state comes back as `rest`.
+        """
+        new, new_state, finite = self._update_state(grads, _join_state(*parts), trainable)
+        return new, _split_state(new_state)[1], finite
+
+    def _update_state(self, grads, opt_state, trainable):
         updates, new_state = self._tx.update(grads, opt_state, trainable)
         new = optax.apply_updates(trainable, updates)
         if not self._check_finite:
@@ -487,9 +518,9 @@ class Trainer:
                 + "; nothing was updated"
             )
 
-    def _lrmult_apply_step(self, trainable, opt_state, grads, scale):
+    def _lrmult_apply_step(self, trainable, rest, mults, grads, scale, outer):
         grads = jax.tree.map(lambda g: (g * scale).astype(g.dtype), grads)
-        return self._update(grads, opt_state, trainable)
+        return self._update(grads, (outer, rest, mults), trainable)
 
     def _grads_by_name(self, grads: Any) -> dict[str, Any]:
         names = self._names
@@ -556,9 +587,11 @@ class Trainer:
         trainable, _ = self._gather()
         g = {n: (flat[n] if n in flat else FrozenLeaf()) for n in self._names}
         g = {n: (FrozenLeaf() if is_frozen_leaf(trainable[n]) else v) for n, v in g.items()}
-        new, self._opt_state, finite = self._apply_fn(
-            trainable, self._opt_state, g, jnp.float32(1.0 / batch_size)
+        outer, rest, mults = _split_state(self._opt_state)
+        new, rest, finite = self._apply_fn(
+            trainable, rest, mults, g, jnp.float32(1.0 / batch_size), outer=outer
         )
+        self._opt_state = _join_state(outer, rest, mults)
         self._write_back(new)
         self._raise_if_not_finite(finite)
 
@@ -570,7 +603,7 @@ class Trainer:
         update, treedef, order = self._update, self._treedef, self._order
         fname = getattr(loss_fn, "__name__", repr(loss_fn))
 
-        def lrmult_train_step(trainable, frozen, opt_state, args):
+        def lrmult_train_step(trainable, frozen, rest, mults, args, outer):
             def objective(tr):
                 values = {**frozen, **{n: v for n, v in tr.items() if not is_frozen_leaf(v)}}
                 out = loss_fn(jax.tree.unflatten(treedef, [values[n] for n in order]), *args)
@@ -592,9 +625,9 @@ class Trainer:
                 return out
 
             out, grads = jax.value_and_grad(objective, has_aux=has_aux)(trainable)
-            return (*update(grads, opt_state, trainable), out)
+            return (*update(grads, (outer, rest, mults), trainable), out)
 
-        fn = jax.jit(lrmult_train_step, donate_argnums=(0, 2))
+        fn = jax.jit(lrmult_train_step, donate_argnums=(0, 2), static_argnames="outer")
         self._train_fns[key] = fn
         return fn
 
@@ -612,7 +645,9 @@ class Trainer:
         fn = self._train_fn(loss_fn, has_aux)
         self._sync()
         trainable, frozen = self._gather()
-        new, self._opt_state, finite, out = fn(trainable, frozen, self._opt_state, args)
+        outer, rest, mults = _split_state(self._opt_state)
+        new, rest, finite, out = fn(trainable, frozen, rest, mults, args, outer=outer)
+        self._opt_state = _join_state(outer, rest, mults)
         self._write_back(new)
         self._raise_if_not_finite(finite)
         return out

@@ -63,9 +63,13 @@ SCRIPT = textwrap.dedent(
         names = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all")
         return {n: len(re.findall(n + r"(-start)?\\(", hlo)) for n in names}
 
+    from lrmult.trainer import _split_state
+
     step = trainer._train_fn(loss_fn, False)
     trainable, frozen = trainer._gather()
-    ours = step.lower(trainable, frozen, trainer.opt_state, (xs, ys)).compile().as_text()
+    outer, rest, mults = _split_state(trainer.opt_state)
+    lowered = step.lower(trainable, frozen, rest, mults, (xs, ys), outer=outer)
+    ours = lowered.compile().as_text()
 
     tx = optax.adamw(0.01, weight_decay=0.1)
     def plain(p, s, x, y):
