@@ -47,6 +47,16 @@ def _unbox(params: Any) -> Any:
     )
 
 
+def _register(cls: type, child: str, static: str) -> None:
+    """Register `cls(child, static)` as a pytree node: one child, one static (aux) field."""
+    jax.tree_util.register_pytree_with_keys(
+        cls,
+        lambda s: (((GetAttrKey(child), getattr(s, child)),), getattr(s, static)),
+        lambda aux, children: cls(children[0], aux),
+        flatten_func=lambda s: ((getattr(s, child),), getattr(s, static)),
+    )
+
+
 def _check_param_dict(param_dict: Any, where: str) -> None:
     if param_dict is not None and not isinstance(param_dict, Mapping):
         raise TypeError(f"{where}: param_dict must be a ParamDict, got {type(param_dict).__name__}")
@@ -116,12 +126,7 @@ class MultState:
         return f"MultState({self.link.attr}, {self.values!r})"
 
 
-jax.tree_util.register_pytree_with_keys(
-    MultState,
-    lambda s: (((GetAttrKey("values"), s.values),), s.link),
-    lambda link, children: MultState(children[0], link),
-    flatten_func=lambda s: ((s.values,), s.link),
-)
+_register(MultState, "values", "link")
 
 
 def _place(value: Any, like: Any, dtype: Any = np.float32) -> jax.Array:
@@ -283,12 +288,7 @@ class CohortState:
         return f"CohortState(cohorts={self.cohorts}, states={self.states!r})"
 
 
-jax.tree_util.register_pytree_with_keys(
-    CohortState,
-    lambda s: (((GetAttrKey("states"), s.states),), s.cohorts),
-    lambda cohorts, children: CohortState(children[0], cohorts),
-    flatten_func=lambda s: ((s.states,), s.cohorts),
-)
+_register(CohortState, "states", "cohorts")
 
 
 def _members(tree: Any, cohorts: tuple[int, ...], label: int) -> Any:
@@ -370,12 +370,7 @@ class TrainableState:
         return f"TrainableState(frozen={sum(self.owner.frozen)}, inner={self.inner!r})"
 
 
-jax.tree_util.register_pytree_with_keys(
-    TrainableState,
-    lambda s: (((GetAttrKey("inner"), s.inner),), s.owner),
-    lambda owner, children: TrainableState(children[0], owner),
-    flatten_func=lambda s: ((s.inner,), s.owner),
-)
+_register(TrainableState, "inner", "owner")
 
 
 def _masked(tree: Any, frozen: tuple[bool, ...], leaves: list[lookup.Leaf]) -> Any:
