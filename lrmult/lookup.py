@@ -22,8 +22,6 @@ import numpy as np
 from lrmult._names import path_name, suggest
 from lrmult.parameter import check_multiplier
 
-SOURCES = ("param", "index", "name", "default")  # "param" may be a preset's name instead
-
 
 class FrozenLeaf:
     """Stands where a frozen leaf was: a pytree node with no children, so it holds no state."""
