@@ -30,6 +30,20 @@ def _bump() -> None:
     _metadata_version += 1
 
 
+# Bumped whenever a Parameter's value is replaced or handed out (set_data, data(), a Trainer's
+# write-back): a Trainer reuses its last step's outputs as the next inputs while it is unchanged.
+_values_version = 0
+
+
+def values_version() -> int:
+    return _values_version
+
+
+def _bump_values() -> None:
+    global _values_version
+    _values_version += 1
+
+
 def _describe(name: str | None) -> str:
     return f"parameter {name!r}" if name is not None else "parameter (unnamed)"
 
@@ -156,7 +170,9 @@ class Parameter:
 
     def data(self) -> jax.Array:
         """The current value. It stays valid after later training steps."""
-        self._donatable = False
+        if self._donatable:
+            self._donatable = False
+            _bump_values()
         return self._value
 
     def set_data(self, value: Any) -> None:
@@ -165,6 +181,7 @@ class Parameter:
         self.check_like(value, f"{_describe(self._name)}: set_data")
         self._value = value
         self._donatable = False
+        _bump_values()
 
     def check_like(self, value: Any, what: str) -> None:
         """Raise unless `value` has this parameter's shape and dtype; `what` starts the message."""

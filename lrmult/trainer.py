@@ -225,6 +225,8 @@ class Trainer:
         self._dirty = False
         self._warned: set[Any] = set()
         self._train_fns: dict[Any, Callable] = {}
+        self._inputs: tuple[dict[str, Any], dict[str, Any]] | None = None
+        self._inputs_versions = (-1, -1)
         self._apply_fn = jax.jit(
             self._lrmult_apply_step, donate_argnums=(0, 1), static_argnames="outer"
         )
@@ -465,6 +467,9 @@ class Trainer:
 
     def _gather(self) -> tuple[dict[str, Any], dict[str, Any]]:
         """The step's inputs: trainable values (FrozenLeaf where frozen), and frozen values."""
+        versions = (_parameter.values_version(), _parameter.metadata_version())
+        if self._inputs is not None and self._inputs_versions == versions:
+            return self._inputs  # nothing touched the Parameters since our last write-back
         trainable: dict[str, Any] = {}
         frozen: dict[str, Any] = {}
         for name, p in self._plist:
@@ -478,12 +483,15 @@ class Trainer:
                 trainable[name] = jnp.array(p._value, dtype=p._value.dtype, copy=True)
         return trainable, frozen
 
-    def _write_back(self, new: Mapping[str, Any]) -> None:
+    def _write_back(self, new: Mapping[str, Any], frozen: Mapping[str, Any]) -> None:
         for name, p in self._plist:
             value = new[name]
             if not is_frozen_leaf(value):
                 p._value = value
                 p._donatable = True
+        _parameter._bump_values()
+        self._inputs = (new, frozen)
+        self._inputs_versions = (_parameter.values_version(), _parameter.metadata_version())
 
     def _update(self, grads, parts, trainable):
         """The update inside both jitted steps; with `check_finite`, a no-op on bad gradients.
@@ -584,7 +592,7 @@ class Trainer:
             raise ValueError(f"step: batch_size must be a finite number > 0, got {batch_size!r}")
         flat = self._grads_by_name(grads)
         self._sync()
-        trainable, _ = self._gather()
+        trainable, frozen = self._gather()
         g = {n: (flat[n] if n in flat else FrozenLeaf()) for n in self._names}
         g = {n: (FrozenLeaf() if is_frozen_leaf(trainable[n]) else v) for n, v in g.items()}
         outer, rest, mults = _split_state(self._opt_state)
@@ -592,7 +600,7 @@ class Trainer:
             trainable, rest, mults, g, jnp.float32(1.0 / batch_size), outer=outer
         )
         self._opt_state = _join_state(outer, rest, mults)
-        self._write_back(new)
+        self._write_back(new, frozen)
         self._raise_if_not_finite(finite)
 
     def _train_fn(self, loss_fn: Callable, has_aux: bool) -> Callable:
@@ -648,6 +656,6 @@ class Trainer:
         outer, rest, mults = _split_state(self._opt_state)
         new, rest, finite, out = fn(trainable, frozen, rest, mults, args, outer=outer)
         self._opt_state = _join_state(outer, rest, mults)
-        self._write_back(new)
+        self._write_back(new, frozen)
         self._raise_if_not_finite(finite)
         return out

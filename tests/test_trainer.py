@@ -410,3 +410,19 @@ def test_check_finite_names_the_first_bad_leaf_and_changes_nothing(via):
     twin.step(good)
     twin.step(good)
     assert_same(snapshot(trainer), snapshot(twin))
+
+
+def test_two_trainers_sharing_parameters_see_each_others_updates():
+    pd = ParamDict.from_pytree({"w": jnp.zeros(2)})
+    a = Trainer(pd, "sgd", {"learning_rate": 1.0})
+    b = Trainer(pd, "sgd", {"learning_rate": 10.0})
+    ones = {"w": jnp.ones(2)}
+    a.step(ones)  # 0 - 1
+    b.step(ones)  # -1 - 10
+    a.step(ones)  # -11 - 1
+    pd["w"].set_data(jnp.full(2, 100.0))
+    a.step(ones)  # 100 - 1
+    b.step(ones)  # 99 - 10
+    np.testing.assert_array_equal(pd["w"].data(), [89.0, 89.0])
+    a.step(ones)  # data() handed the value out: it stays valid, and the step still sees it
+    np.testing.assert_array_equal(pd["w"].data(), [88.0, 88.0])
