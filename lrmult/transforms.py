@@ -180,11 +180,6 @@ def _multiplier(attr: str, param_dict: Any, overrides: Any, idx2name: Any, where
     return init
 
 
-def _leafwise(fn, state: MultState, *trees: Any) -> Any:
-    """`fn(multiplier, leaf, *others)` over the array leaves of `trees[0]`; FrozenLeaf stays."""
-    return jax.tree.map(fn, state.values, *trees)
-
-
 def scale_by_lr_mult(
     param_dict: Mapping[str, Any] | None = None,
     *,
@@ -193,9 +188,9 @@ def scale_by_lr_mult(
 ) -> optax.GradientTransformation:
     """Multiply each leaf's update by its `lr_mult`.
 
-    Place it where the update is final but for the learning rate (after any adaptive
-    preconditioner), so `lr_mult` scales the step, never the gradient. A frozen leaf's update is
-    zeroed; the ready chains (`lrmult.adam`, ...) go further and drop its state.
+    Place it after any adaptive preconditioner (the ready chains put it last, after the learning
+    rate), so `lr_mult` scales the step, never the gradient. A frozen leaf's update is zeroed;
+    the ready chains (`lrmult.adam`, ...) go further and drop its state.
 
     Args:
       param_dict: a ParamDict whose Parameters' `lr_mult` come first in the lookup chain.
@@ -209,7 +204,7 @@ def scale_by_lr_mult(
 
     def update_fn(updates, state, params=None):
         del params
-        return _leafwise(lambda m, u: (u * m).astype(u.dtype), state, updates), state
+        return jax.tree.map(lambda m, u: (u * m).astype(u.dtype), state.values, updates), state
 
     return optax.GradientTransformation(init, update_fn)
 
@@ -247,8 +242,11 @@ def add_decayed_weights(
     def update_fn(updates, state, params=None):
         if params is None:
             raise ValueError("add_decayed_weights needs params: call update(grads, state, params)")
-        out = _leafwise(
-            lambda d, u, p: (u + (weight_decay * d) * p).astype(u.dtype), state, updates, params
+        out = jax.tree.map(
+            lambda d, u, p: (u + (weight_decay * d) * p).astype(u.dtype),
+            state.values,
+            updates,
+            params,
         )
         return out, state
 
