@@ -1,20 +1,19 @@
 """lrmult: MXNet Gluon's per-parameter lr_mult, wd_mult and frozen for JAX, on optax."""
 
+import optax as _optax
+
 from lrmult import presets
 from lrmult.flax_interop import NNXTrainer, from_linen, from_nnx, refresh_optimizer
-from lrmult.lookup import ExplainRow, FrozenLeaf
 from lrmult.optimizers import adagrad, adam, adamw, lamb, lion, nag, rmsprop, sgd
 from lrmult.paramdict import ParamDict
 from lrmult.parameter import Parameter
+from lrmult.report import ExplainRow, explain
+from lrmult.resync import refresh
 from lrmult.trainer import Trainer
-from lrmult.transforms import (
-    add_decayed_weights,
-    explain,
-    per_leaf,
-    refresh,
-    scale_by_lr_mult,
-    trainable_only,
-)
+from lrmult.transforms import add_decayed_weights, per_leaf, scale_by_lr_mult, trainable_only
+
+# A frozen leaf's place in an optimizer state: optax's own empty node, under lrmult's old name.
+FrozenLeaf = _optax.MaskedNode
 
 __all__ = [
     "ExplainRow",

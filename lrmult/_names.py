@@ -7,24 +7,11 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import jax
-from jax.tree_util import DictKey, FlattenedIndexKey, GetAttrKey, SequenceKey
-
-
-def _key_str(key: Any) -> str:
-    if isinstance(key, DictKey):
-        return str(key.key)
-    if isinstance(key, SequenceKey):
-        return str(key.idx)
-    if isinstance(key, GetAttrKey):
-        return key.name
-    if isinstance(key, FlattenedIndexKey):
-        return str(key.key)
-    return str(key).strip(".[]'\"")
 
 
 def path_name(path: Sequence[Any]) -> str:
     """`(DictKey('encoder'), SequenceKey(0), DictKey('kernel'))` -> `'encoder/0/kernel'`."""
-    return "/".join(_key_str(k) for k in path)
+    return jax.tree_util.keystr(tuple(path), simple=True, separator="/")
 
 
 def suggest(key: Any, candidates: Iterable[str]) -> str:

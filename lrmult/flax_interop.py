@@ -1,12 +1,7 @@
 """flax interop: ParamDicts from NNX modules and Linen params, and a Trainer that drives NNX.
 
-- `from_nnx(model, filter=nnx.Param)`: one Parameter per `nnx.Param` of a module, named by its path
-  (`layers/0/kernel`); `lr_mult` / `wd_mult` / `frozen` / `grad_req` given as Variable metadata
-  (`nnx.Param(x, lr_mult=0.1)`) seed the Parameters.
-- `from_linen(variables["params"])`: names leaves through Linen's metadata boxes
-  (`nn.Partitioned`, `nn.LogicallyPartitioned`), so `Dense_0/kernel` and not
-  `Dense_0/kernel/value`, while `tree()` gives the boxes back: `nn.get_partition_spec` and
-  `model.apply` keep working on it.
+- `from_nnx` / `from_linen`: `ParamDict.from_nnx` and `ParamDict.from_linen` under their flax
+  names (the ParamDict builds itself; `flax_trees.py` sees through flax's objects).
 - `NNXTrainer(model, ...)`: Gluon's `Trainer` on an NNX module, updated in place.
 - `refresh_optimizer(optimizer)`: `lrmult.refresh` for an `nnx.Optimizer` built on a ready chain.
 
@@ -22,13 +17,11 @@ import jax
 import numpy as np
 
 from lrmult._names import path_name
-from lrmult.lookup import is_frozen_leaf
+from lrmult.flax_trees import nnx_variables
+from lrmult.lookup import is_masked
 from lrmult.paramdict import ParamDict
+from lrmult.resync import refresh
 from lrmult.trainer import Trainer
-from lrmult.transforms import refresh
-
-# Variable metadata keys that seed a Parameter's attributes, in the order they are applied.
-_METADATA = ("lr_mult", "wd_mult", "frozen", "grad_req")
 
 
 def _nnx():
@@ -37,110 +30,8 @@ def _nnx():
     return nnx
 
 
-def _variables(model: Any, wrt: Any) -> dict[str, Any]:
-    """`{name: Variable}` of the `wrt` Variables of `model` (the model's own objects)."""
-    nnx = _nnx()
-    state = nnx.state(model, wrt)
-    flat = jax.tree_util.tree_flatten_with_path(
-        state, is_leaf=lambda x: isinstance(x, nnx.Variable)
-    )[0]
-    return {path_name(path): var for path, var in flat}
-
-
-def from_nnx(model: Any, filter: Any = None, *, wrt: Any = None, prefix: str = "") -> ParamDict:
-    """One Parameter per `filter` Variable (default `nnx.Param`) of an NNX module.
-
-    Names are attribute paths joined with `/` (`backbone/kernel`, `layers/0/kernel`), as in
-    `nnx.state(model, filter)`; a Variable shared by two attributes is one Parameter. Variable
-    metadata `lr_mult`, `wd_mult`, `frozen` or `grad_req` is copied onto the Parameter once,
-    here, as explicitly set values (`nnx.Linear(..., kernel_metadata={"lr_mult": 0.1})`,
-    `nnx.Param(x, frozen=True)`, `nnx.with_metadata(init, wd_mult=0.0)`).
-
-    Args:
-      model: an `nnx.Module` (or any NNX graph node).
-      filter: an nnx filter choosing the Variables to train; `None` means `nnx.Param`.
-      wrt: an alias of `filter` (the name `nnx.Optimizer` uses); give one of the two.
-      prefix: prepended to every name as is.
-
-    Returns:
-      A ParamDict whose `tree()` is a pure `nnx.State` (arrays, no Variables):
-      `nnx.update(model, params.tree())` writes the values back.
-
-    Example:
-      >>> params = lrmult.ParamDict.from_nnx(model, filter=nnx.Param)
-      >>> params.select("backbone/").setattr("lr_mult", 0.1)
-    """
-    nnx = _nnx()
-    if not isinstance(model, nnx.Pytree):
-        raise TypeError(f"from_nnx: expected an nnx.Module, got {type(model).__name__}")
-    if filter is not None and wrt is not None:
-        raise TypeError("from_nnx: give filter= or its alias wrt=, not both")
-    wrt = filter if filter is not None else wrt
-    wrt = nnx.Param if wrt is None else wrt
-    variables = _variables(model, wrt)
-    if not variables:
-        raise ValueError(f"from_nnx: the model holds no Variable matching filter={wrt!r}")
-    pure = nnx.as_pure(nnx.state(model, wrt))
-    for name, var in variables.items():
-        value = var.get_value()
-        if not isinstance(value, jax.Array | np.ndarray):
-            raise TypeError(
-                f"from_nnx: Variable {prefix + name!r} holds a {type(value).__name__}, "
-                f"not an array; narrow filter= to the Variables you train"
-            )
-    params = ParamDict.from_pytree(pure, prefix=prefix)
-    for name, var in variables.items():
-        meta = var.get_metadata()
-        for attr in _METADATA:
-            if attr in meta:
-                setattr(params[prefix + name], attr, meta[attr])  # validated, naming the param
-    return params
-
-
-def _is_box(x: Any) -> bool:
-    from flax.core import meta
-
-    return isinstance(x, meta.AxisMetadata)
-
-
-def from_linen(params: Any, *, prefix: str = "") -> ParamDict:
-    """One Parameter per leaf of Linen params, seen through their metadata boxes.
-
-    `nn.with_partitioning` (and `nn.with_logical_partitioning`) wrap leaves in boxes whose
-    array sits at `.value`; names stop at the box (`Dense_0/kernel`), values are the unboxed
-    arrays, and `tree()` rebuilds the boxes around the current values, so the sharding
-    annotations survive training: `nn.get_partition_spec(params.tree())`,
-    `nn.logical_to_mesh_sharding(...)` and `model.apply({"params": params.tree()}, x)` work.
-
-    Args:
-      params: `variables["params"]` of a Linen model, boxed or not.
-      prefix: prepended to every name as is.
-
-    Returns:
-      A ParamDict whose `tree()` has the structure of `params`, boxes included.
-    """
-    from flax.core import meta
-
-    if isinstance(params, Mapping) and "params" in params:
-        raise ValueError(
-            "from_linen: got a variables dict (it has a 'params' collection); "
-            "pass variables['params']"
-        )
-    boxed = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_box)[0]
-    if not boxed:
-        raise ValueError("from_linen: the tree has no array leaves")
-    out = ParamDict.from_pytree(meta.unbox(params), prefix=prefix)
-    treedef = jax.tree.structure(params)
-    names = [prefix + path_name(path) for path, _ in boxed]
-    if treedef.num_leaves != len(out) or names != list(out):
-        raise ValueError(
-            "from_linen: a metadata box holds more than one array; unbox the tree first "
-            "(flax.core.meta.unbox) and use ParamDict.from_pytree"
-        )
-    # The boxes' metadata (names, mesh, rules) is static data of the treedef: keep it as the
-    # dict's structure, so tree() re-boxes the current values.
-    out._structure = (treedef, names)
-    return out
+from_nnx = ParamDict.from_nnx
+from_linen = ParamDict.from_linen
 
 
 class NNXTrainer(Trainer):
@@ -191,11 +82,11 @@ class NNXTrainer(Trainer):
             )
         self._model = model
         self._wrt = wrt
-        self._check_names(list(_variables(model, wrt)), list(params))
+        self._check_names(list(nnx_variables(model, wrt)), list(params))
         super().__init__(params, optimizer, optimizer_params, **trainer_options)
         # The array each model Variable held when last seen: any other one was assigned by the
         # user and is taken at the next step (so is, at the first, a model array `params` lacks).
-        self._pushed = {n: p._value for n, p in self.params.items()}
+        self._pushed = {n: p.peek() for n, p in self.params.items()}
         self._nnx_losses: dict[Any, Callable] = {}
 
     @property
@@ -242,7 +133,7 @@ class NNXTrainer(Trainer):
         tree = self.params.tree()  # data(): the model's arrays stay valid after later steps
         _nnx().update(self._model, tree, *other)
         for name, p in self.params.items():
-            self._pushed[name] = p._value
+            self._pushed[name] = p.peek()
 
     def _nnx_loss(self, loss_fn: Callable, has_aux: bool, graphdef: Any) -> Callable:
         key = (loss_fn, has_aux, graphdef)
@@ -310,7 +201,7 @@ class NNXTrainer(Trainer):
         self._push()
 
 
-def refresh_optimizer(optimizer: Any, param_dict: ParamDict | None = None) -> None:
+def refresh_optimizer(optimizer: Any, param_dict: ParamDict) -> None:
     """`lrmult.refresh` for an `nnx.Optimizer` built on lrmult's transformations, in place.
 
     Call it after changing multipliers or the frozen set between steps. Changed multipliers
@@ -319,7 +210,7 @@ def refresh_optimizer(optimizer: Any, param_dict: ParamDict | None = None) -> No
 
     Args:
       optimizer: an `nnx.Optimizer` whose `tx` holds lrmult's transformations.
-      param_dict: the ParamDict to read; defaults to the one each transformation was built with.
+      param_dict: the ParamDict to read (the one the transformations were built with).
     """
     nnx = _nnx()
     if not isinstance(optimizer, nnx.Optimizer):
@@ -346,11 +237,11 @@ def _rewrap(old: Any, new: Any) -> Any:
     }
 
     def wrap(path, x):
-        if is_frozen_leaf(x):
+        if is_masked(x):
             return x
         var = old_vars.get(path)
         if var is not None and np.shape(var.get_value()) == np.shape(x):
             return var.replace(x)
         return OptArray(x)
 
-    return jax.tree_util.tree_map_with_path(wrap, new, is_leaf=is_frozen_leaf)
+    return jax.tree_util.tree_map_with_path(wrap, new, is_leaf=is_masked)

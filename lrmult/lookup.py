@@ -18,31 +18,15 @@ from typing import Any, NamedTuple
 
 import jax
 import numpy as np
+import optax
 
 from lrmult._names import path_name, suggest
 from lrmult.parameter import check_multiplier
 
 
-class FrozenLeaf:
-    """Stands where a frozen leaf was: a pytree node with no children, so it holds no state."""
-
-    __slots__ = ()
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, FrozenLeaf)
-
-    def __hash__(self) -> int:
-        return hash(FrozenLeaf)
-
-    def __repr__(self) -> str:
-        return "FrozenLeaf()"
-
-
-jax.tree_util.register_pytree_node(FrozenLeaf, lambda _: ((), None), lambda _, __: FrozenLeaf())
-
-
-def is_frozen_leaf(x: Any) -> bool:
-    return isinstance(x, FrozenLeaf)
+def is_masked(x: Any) -> bool:
+    """Whether `x` stands where a frozen leaf was (`optax.MaskedNode`: no children, no state)."""
+    return isinstance(x, optax.MaskedNode)
 
 
 class Leaf(NamedTuple):
@@ -55,15 +39,15 @@ class Leaf(NamedTuple):
 
 
 def leaves_of(tree: Any, param_dict: Mapping[str, Any] | None, idx2name: Mapping[int, str] | None):
-    """The `Leaf` of every array leaf (and every `FrozenLeaf`) of `tree`, in flatten order.
+    """The `Leaf` of every array leaf (and every `optax.MaskedNode`) of `tree`, in flatten order.
 
     The index of a leaf is its position in `param_dict` when its path name is found there (a
     ParamDict's order is the one users count in), else its position in `tree`; its name is
     `idx2name[index]` if given, else its path name.
     """
-    flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_frozen_leaf)[0]
+    flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_masked)[0]
     paths = [path_name(path) for path, _ in flat]
-    shapes = [() if is_frozen_leaf(leaf) else tuple(np.shape(leaf)) for _, leaf in flat]
+    shapes = [() if is_masked(leaf) else tuple(np.shape(leaf)) for _, leaf in flat]
     return leaves_named(paths, shapes, param_dict, idx2name)
 
 
@@ -74,6 +58,7 @@ def leaves_named(
     idx2name: Mapping[int, str] | None,
 ) -> list[Leaf]:
     """`leaves_of` for leaves known by their path names and shapes."""
+    paths, shapes = list(paths), list(shapes)
     out = []
     for position, (pname, shape) in enumerate(zip(paths, shapes, strict=True)):
         if idx2name:
@@ -173,8 +158,22 @@ def check_override_keys(
       KeyError: a key names no parameter (with the closest names suggested).
       ValueError: a key's leaf has `attr` set on its Parameter, so the override could never act.
     """
+    named = override_leaves(attr, overrides, leaves)
+    for key, leaf in named.items():
+        check_can_act(attr, key, _param(param_dict, leaf.name), leaf.name)
+
+
+def override_leaves(
+    attr: str, overrides: Mapping[int | str, float], leaves: list[Leaf]
+) -> dict[int | str, Leaf]:
+    """The leaf each override key names.
+
+    Raises:
+      KeyError: a key names no parameter (with the closest names suggested).
+    """
     by_index = {leaf.index: leaf for leaf in leaves}
     by_name = {leaf.name: leaf for leaf in leaves}
+    out = {}
     for key in overrides:
         if isinstance(key, int):
             leaf = by_index.get(key)
@@ -189,13 +188,47 @@ def check_override_keys(
                 raise KeyError(
                     f"{attr} override: {key!r} names no parameter{suggest(key, by_name)}"
                 )
-        param = _param(param_dict, leaf.name)
-        if param is not None and param.is_set(attr):
-            raise ValueError(
-                f"{attr} override {key!r} for parameter {leaf.name!r} could never act: that "
-                f"Parameter has {attr}={getattr(param, attr)!r} set, which comes first in the "
-                f"lookup chain; unset it (del param.{attr}) or set the value on the Parameter"
-            )
+        out[key] = leaf
+    return out
+
+
+def check_can_act(attr: str, key: int | str, param: Any, name: str) -> None:
+    """Raise if `param` has `attr` set: the override `key` for it could never act."""
+    if param is not None and param.is_set(attr):
+        raise ValueError(
+            f"{attr} override {key!r} for parameter {name!r} could never act: that "
+            f"Parameter has {attr}={getattr(param, attr)!r} set, which comes first in the "
+            f"lookup chain; unset it (del param.{attr}) or set the value on the Parameter"
+        )
+
+
+def check_overrides_against(
+    attr: str,
+    overrides: Mapping[int | str, float],
+    param_dict: Mapping[str, Any] | None,
+    idx2name: Mapping[int, str] | None,
+) -> None:
+    """`check_can_act` for each key, where the ParamDict alone says which Parameter it names
+    (a name, an `idx2name` entry, or a position in the dict); run when a transformation is
+    built, before any tree is seen."""
+    if param_dict is None:
+        return
+    names = list(param_dict)
+    for key in overrides:
+        if isinstance(key, str):
+            name = key
+        elif idx2name and key in idx2name:
+            name = idx2name[key]
+        elif not idx2name and 0 <= key < len(names):
+            name = names[key]
+        else:
+            continue
+        check_can_act(attr, key, _param(param_dict, name), name)
+
+
+def frozen_mask(leaves: list[Leaf], param_dict: Mapping[str, Any] | None) -> tuple[bool, ...]:
+    """Whether each leaf is frozen, through the chain (only a Parameter can freeze a leaf)."""
+    return tuple(bool(v) for v, _ in resolve("frozen", leaves, param_dict))
 
 
 def shadowed(
@@ -241,37 +274,13 @@ def resolve(
     return out
 
 
-class ExplainRow(NamedTuple):
-    """One row of `explain()`: what each leaf gets, and which link of the chain set it."""
-
-    index: int
-    name: str
-    shape: tuple[int, ...]
-    lr_mult: float
-    wd_mult: float
-    frozen: bool
-    lr: float
-    lr_source: str
-    wd_source: str
-    frozen_source: str
-
-
-def explain_rows(
+def multiplier_values(
+    attr: str,
     leaves: list[Leaf],
     param_dict: Mapping[str, Any] | None,
-    lr_overrides: Mapping[int | str, float] | None,
-    wd_overrides: Mapping[int | str, float] | None,
-    base_lr: float,
-) -> list[ExplainRow]:
-    """Rows in index order; `lr` is the effective rate `base_lr * lr_mult` (0 when frozen)."""
-    lrs = resolve("lr_mult", leaves, param_dict, lr_overrides)
-    wds = resolve("wd_mult", leaves, param_dict, wd_overrides)
-    fzs = resolve("frozen", leaves, param_dict)
-    rows = []
-    for leaf, (m, ms), (d, ds), (fz, fs) in zip(leaves, lrs, wds, fzs, strict=True):
-        shape = leaf.shape
-        if param_dict is not None and leaf.name in param_dict:
-            shape = tuple(param_dict[leaf.name].shape)
-        lr = 0.0 if fz else base_lr * m
-        rows.append(ExplainRow(leaf.index, leaf.name, shape, m, d, fz, lr, ms, ds, fs))
-    return sorted(rows, key=lambda r: r.index)
+    overrides: Mapping[int | str, float] | None,
+) -> list[float]:
+    """`attr` of every leaf through the chain, 0 for frozen leaves (they take no step)."""
+    values = resolve(attr, leaves, param_dict, overrides)
+    frozen = frozen_mask(leaves, param_dict)
+    return [0.0 if fz else v for (v, _), fz in zip(values, frozen, strict=True)]

@@ -7,21 +7,112 @@ by an adaptive preconditioner. (Last rather than before the learning rate: in fl
 can overflow where `η·m·u`, the step actually taken, does not.) Transformations that keep a step
 count run under `per_leaf`; adaptive scalers keep float32 moments for float16 / bfloat16 leaves;
 with a `param_dict` the whole chain runs under `trainable_only`: frozen leaves hold no state.
+
+Every chain validates its hyperparameters when built (`check_hyperparameter`), and the Trainer
+reuses the same checks for Gluon's `optimizer_params`, naming the key the user wrote.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
-from lrmult.transforms import add_decayed_weights, per_leaf, scale_by_lr_mult, trainable_only
+from lrmult.parameter import FLOAT32_MAX
+from lrmult.transforms import (
+    add_decayed_weights,
+    check_weight_decay,
+    per_leaf,
+    scale_by_lr_mult,
+    trainable_only,
+)
 
 ScalarOrSchedule = float | Callable[[Any], Any] | Any
 Overrides = Mapping[int | str, float] | None
+
+
+# Ready-chain arguments and the range each must lie in (decay rates stay below 1).
+_UNIT = ("momentum", "b1", "b2", "decay")
+_NONNEGATIVE = ("eps", "eps_root", "weight_decay", "initial_accumulator_value", "initial_scale")
+_FLAGS = ("nesterov", "centered", "eps_in_sqrt", "bias_correction")
+
+
+def check_learning_rate(value: Any, where: str) -> Any:
+    """A learning rate: a finite float >= 0 within float32's range, or a schedule step -> rate.
+
+    Args:
+      value: the rate or schedule (a traced value, under `inject_hyperparams`, is not checked).
+      where: how the message names the argument.
+
+    Returns:
+      The rate as a float, or the schedule itself.
+    """
+    if isinstance(value, jax.Array):
+        return value
+    if callable(value):
+        try:
+            at_zero = value(0)
+        except TypeError as e:
+            raise TypeError(
+                f"{where}: learning_rate is callable but not a schedule step -> rate "
+                f"(an optax schedule such as optax.cosine_decay_schedule(...)): {e}"
+            ) from None
+        if np.ndim(at_zero) != 0:
+            raise TypeError(
+                f"{where}: the learning_rate schedule must return a scalar, got shape "
+                f"{np.shape(at_zero)} at step 0"
+            )
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{where}: learning rate must be a number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value) or value < 0 or value > FLOAT32_MAX:
+        raise ValueError(
+            f"{where}: learning rate must be a finite number >= 0 within float32's range, "
+            f"got {value!r}"
+        )
+    return value
+
+
+def check_hyperparameter(arg: str, value: Any, where: str) -> Any:
+    """Validate one ready-chain argument now, not deep inside the first jitted step.
+
+    Args:
+      arg: the chain's argument name (`b1`, `momentum`, `nesterov`, ...).
+      value: its value; an array (injected by `optax.inject_hyperparams`) is not checked.
+      where: how the message names it (`adam: b1`, `Trainer: optimizer_params['beta1']`).
+
+    Returns:
+      The value, numbers as floats.
+    """
+    if arg == "learning_rate":
+        return check_learning_rate(value, where)
+    if arg in _FLAGS:
+        if not isinstance(value, bool):
+            raise TypeError(f"{where} must be True or False, got {value!r}")
+        return value
+    if (arg == "momentum" and value is None) or isinstance(value, jax.Array) or callable(value):
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{where} must be a number, got {value!r} ({type(value).__name__})")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{where} must be finite, got {value!r}")
+    if arg in _UNIT and not 0 <= value < 1:
+        raise ValueError(f"{where} must be in [0, 1), got {value!r}")
+    if arg in _NONNEGATIVE and value < 0:
+        raise ValueError(f"{where} must be >= 0, got {value!r}")
+    return value
+
+
+def _checked(name: str, **hyperparameters: Any) -> None:
+    for arg, value in hyperparameters.items():
+        check_hyperparameter(arg, value, f"{name}: {arg}")
 
 
 def _ready(
@@ -55,6 +146,7 @@ def _in_float32(inner: optax.GradientTransformation) -> optax.GradientTransforma
 
 def _decay(weight_decay, param_dict, wd_mult, idx2name):
     """The weight-decay link, left out when the rate is a literal 0 (it would read every param)."""
+    check_weight_decay(weight_decay, "weight_decay")
     if isinstance(weight_decay, (int, float)) and not isinstance(weight_decay, bool):
         if weight_decay == 0 and not wd_mult:
             return None
@@ -87,6 +179,7 @@ def sgd(
       wd_mult: override dict for weight decay.
       idx2name: index -> name, when the tree's path names are not the parameter names.
     """
+    _checked("sgd", learning_rate=learning_rate, momentum=momentum, nesterov=nesterov)
     return _ready(
         param_dict,
         _decay(weight_decay, param_dict, wd_mult, idx2name),
@@ -136,10 +229,11 @@ def adam(
 
     Each leaf keeps its own step count, so bias correction restarts for a leaf that is unfrozen.
     """
+    _checked("adam", learning_rate=learning_rate, b1=b1, b2=b2, eps=eps, eps_root=eps_root)
     return _ready(
         param_dict,
         _decay(weight_decay, param_dict, wd_mult, idx2name),
-        _in_float32(per_leaf(optax.scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root))),
+        per_leaf(_in_float32(optax.scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root))),
         optax.scale_by_learning_rate(learning_rate),
         scale_by_lr_mult(param_dict, lr_mult=lr_mult, idx2name=idx2name),
     )
@@ -159,9 +253,10 @@ def adamw(
     idx2name: Mapping[int, str] | None = None,
 ) -> optax.GradientTransformation:
     """AdamW, decoupled (PyTorch's `AdamW`, `optax.adamw`): `w -= η·m·(adam(g) + λ·d·w)`."""
+    _checked("adamw", learning_rate=learning_rate, b1=b1, b2=b2, eps=eps, eps_root=eps_root)
     return _ready(
         param_dict,
-        _in_float32(per_leaf(optax.scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root))),
+        per_leaf(_in_float32(optax.scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root))),
         _decay(weight_decay, param_dict, wd_mult, idx2name),
         optax.scale_by_learning_rate(learning_rate),
         scale_by_lr_mult(param_dict, lr_mult=lr_mult, idx2name=idx2name),
@@ -186,6 +281,18 @@ def rmsprop(
     idx2name: Mapping[int, str] | None = None,
 ) -> optax.GradientTransformation:
     """RMSProp (optax's arguments) with coupled weight decay: `w -= η·m·trace(rms(g + λ·d·w))`."""
+    _checked(
+        "rmsprop",
+        learning_rate=learning_rate,
+        decay=decay,
+        eps=eps,
+        initial_scale=initial_scale,
+        eps_in_sqrt=eps_in_sqrt,
+        centered=centered,
+        momentum=momentum,
+        nesterov=nesterov,
+        bias_correction=bias_correction,
+    )
     kw = dict(decay=decay, eps=eps, initial_scale=initial_scale, eps_in_sqrt=eps_in_sqrt)
     scaler = (
         optax.scale_by_stddev(**kw, bias_correction=bias_correction)
@@ -195,7 +302,7 @@ def rmsprop(
     return _ready(
         param_dict,
         _decay(weight_decay, param_dict, wd_mult, idx2name),
-        _in_float32(per_leaf(scaler) if bias_correction else scaler),
+        per_leaf(_in_float32(scaler)) if bias_correction else _in_float32(scaler),
         optax.trace(decay=momentum, nesterov=nesterov) if momentum else None,
         optax.scale_by_learning_rate(learning_rate),
         scale_by_lr_mult(param_dict, lr_mult=lr_mult, idx2name=idx2name),
@@ -214,6 +321,12 @@ def adagrad(
     idx2name: Mapping[int, str] | None = None,
 ) -> optax.GradientTransformation:
     """Adagrad (optax's) with coupled weight decay: `w -= η·m·rss(g + λ·d·w)`."""
+    _checked(
+        "adagrad",
+        learning_rate=learning_rate,
+        initial_accumulator_value=initial_accumulator_value,
+        eps=eps,
+    )
     return _ready(
         param_dict,
         _decay(weight_decay, param_dict, wd_mult, idx2name),
@@ -239,9 +352,10 @@ def lamb(
     idx2name: Mapping[int, str] | None = None,
 ) -> optax.GradientTransformation:
     """LAMB (optax's): `w -= η·m·trust_ratio(adam(g) + λ·d·w)`."""
+    _checked("lamb", learning_rate=learning_rate, b1=b1, b2=b2, eps=eps, eps_root=eps_root)
     return _ready(
         param_dict,
-        _in_float32(per_leaf(optax.scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root))),
+        per_leaf(_in_float32(optax.scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root))),
         _decay(weight_decay, param_dict, wd_mult, idx2name),
         optax.scale_by_trust_ratio(),
         optax.scale_by_learning_rate(learning_rate),
@@ -261,6 +375,7 @@ def lion(
     idx2name: Mapping[int, str] | None = None,
 ) -> optax.GradientTransformation:
     """Lion (optax's), decoupled decay: `w -= η·m·(sign(...) + λ·d·w)`."""
+    _checked("lion", learning_rate=learning_rate, b1=b1, b2=b2)
     return _ready(
         param_dict,
         _in_float32(optax.scale_by_lion(b1=b1, b2=b2)),
@@ -280,3 +395,30 @@ OPTIMIZERS: dict[str, Callable[..., optax.GradientTransformation]] = {
     "lamb": lamb,
     "lion": lion,
 }
+
+
+def custom(
+    direction: optax.GradientTransformation,
+    learning_rate: ScalarOrSchedule | None = None,
+    weight_decay: float = 0.0,
+    *,
+    param_dict: Any = None,
+) -> optax.GradientTransformation:
+    """Any optax transformation as a ready chain: coupled decay, `direction`, the rate, lr_mult.
+
+    Args:
+      direction: the update direction (an optax transformation, e.g. `optax.scale_by_adam()`);
+        `lr_mult` scales its output.
+      learning_rate: applied after `direction` when given (else `direction` owns the rate).
+      weight_decay: coupled L2 added to the gradient before `direction`.
+      param_dict: a ParamDict: its Parameters' multipliers and frozen flags act.
+    """
+    if learning_rate is not None:
+        check_learning_rate(learning_rate, "custom: learning_rate")
+    return _ready(
+        param_dict,
+        _decay(weight_decay, param_dict, None, None),
+        direction,
+        optax.scale_by_learning_rate(learning_rate) if learning_rate is not None else None,
+        scale_by_lr_mult(param_dict),
+    )

@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import os
 import re
-import sys
 from collections.abc import Iterator, Mapping
 from typing import Any, NamedTuple
 
 import jax
 import numpy as np
 
-from lrmult import parameter as _parameter
+from lrmult import checkpoint, flax_trees
 from lrmult._names import nest, path_name, suggest
 from lrmult.display import Table
-from lrmult.parameter import Parameter
+from lrmult.parameter import ATTRIBUTES, Parameter, check_frozen, check_grad_req, check_multiplier
+
+_PARAMS_FORMAT = "lrmult-params-1"
+
+# Variable metadata keys that seed a Parameter's attributes (from_nnx), in the order applied.
+_NNX_METADATA = ("lr_mult", "wd_mult", "frozen", "grad_req")
 
 
 class ParamRow(NamedTuple):
@@ -29,18 +33,6 @@ class ParamRow(NamedTuple):
 
 def _is_array(x: Any) -> bool:
     return isinstance(x, (jax.Array, np.ndarray, np.generic))
-
-
-def _has_boxes(tree: Any) -> bool:
-    """Whether `tree` holds flax metadata boxes (only possible once flax is imported)."""
-    meta = sys.modules.get("flax.core.meta")
-    if meta is None:
-        return False
-
-    def is_box(x: Any) -> bool:
-        return isinstance(x, meta.AxisMetadata)
-
-    return any(is_box(x) for x in jax.tree.leaves(tree, is_leaf=is_box))
 
 
 class ParamDict(Mapping[str, Parameter]):
@@ -86,10 +78,8 @@ class ParamDict(Mapping[str, Parameter]):
         """
         if not isinstance(prefix, str):
             raise TypeError(f"from_pytree: prefix must be a str, got {type(prefix).__name__}")
-        if _has_boxes(tree):
-            from lrmult.flax_interop import from_linen
-
-            return from_linen(tree, prefix=prefix)
+        if flax_trees.has_boxes(tree):
+            return cls.from_linen(tree, prefix=prefix)
         leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
         if not leaves:
             raise ValueError("from_pytree: the tree has no array leaves")
@@ -117,18 +107,91 @@ class ParamDict(Mapping[str, Parameter]):
         return out
 
     @classmethod
+    def from_linen(cls, params: Any, *, prefix: str = "") -> ParamDict:
+        """One Parameter per leaf of Linen params, seen through their metadata boxes.
+
+        `nn.with_partitioning` (and `nn.with_logical_partitioning`) wrap leaves in boxes whose
+        array sits at `.value`; names stop at the box (`Dense_0/kernel`), values are the unboxed
+        arrays, and `tree()` rebuilds the boxes around the current values, so the sharding
+        annotations survive training: `nn.get_partition_spec(params.tree())`,
+        `nn.logical_to_mesh_sharding(...)` and `model.apply({"params": params.tree()}, x)` work.
+
+        Args:
+          params: `variables["params"]` of a Linen model, boxed or not.
+          prefix: prepended to every name as is.
+
+        Returns:
+          A ParamDict whose `tree()` has the structure of `params`, boxes included.
+        """
+        if isinstance(params, Mapping) and "params" in params:
+            raise ValueError(
+                "from_linen: got a variables dict (it has a 'params' collection); "
+                "pass variables['params']"
+            )
+        if not jax.tree.leaves(params):
+            raise ValueError("from_linen: the tree has no array leaves")
+        names, treedef, unboxed = flax_trees.boxed_leaves(params)
+        out = cls.from_pytree(unboxed, prefix=prefix)
+        names = [prefix + n for n in names]
+        if names != list(out):
+            raise ValueError(
+                "from_linen: a metadata box holds more than one array; unbox the tree first "
+                "(flax.core.meta.unbox) and use ParamDict.from_pytree"
+            )
+        # The boxes' metadata (names, mesh, rules) is static data of the treedef: keep it as the
+        # dict's structure, so tree() re-boxes the current values.
+        out._structure = (treedef, names)
+        return out
+
+    @classmethod
     def from_nnx(
         cls, model: Any, filter: Any = None, *, wrt: Any = None, prefix: str = ""
     ) -> ParamDict:
-        """One Parameter per `nnx.Param` (or `filter` Variable) of a flax NNX module.
+        """One Parameter per `filter` Variable (default `nnx.Param`) of an NNX module.
 
-        See `lrmult.from_nnx`: names are attribute paths (`layers/0/kernel`), Variable metadata
-        `lr_mult` / `wd_mult` / `frozen` seeds the Parameters, `tree()` is a pure `nnx.State`;
-        `wrt=` is an alias of `filter=`.
+        Names are attribute paths joined with `/` (`backbone/kernel`, `layers/0/kernel`), as in
+        `nnx.state(model, filter)`; a Variable shared by two attributes is one Parameter. Variable
+        metadata `lr_mult`, `wd_mult`, `frozen` or `grad_req` is copied onto the Parameter once,
+        here, as explicitly set values (`nnx.Linear(..., kernel_metadata={"lr_mult": 0.1})`,
+        `nnx.Param(x, frozen=True)`, `nnx.with_metadata(init, wd_mult=0.0)`).
+
+        Args:
+          model: an `nnx.Module` (or any NNX graph node).
+          filter: an nnx filter choosing the Variables to train; `None` means `nnx.Param`.
+          wrt: an alias of `filter` (the name `nnx.Optimizer` uses); give one of the two.
+          prefix: prepended to every name as is.
+
+        Returns:
+          A ParamDict whose `tree()` is a pure `nnx.State` (arrays, no Variables):
+          `nnx.update(model, params.tree())` writes the values back.
+
+        Example:
+          >>> params = lrmult.ParamDict.from_nnx(model, filter=nnx.Param)
+          >>> params.select("backbone/").setattr("lr_mult", 0.1)
         """
-        from lrmult.flax_interop import from_nnx
-
-        return from_nnx(model, filter, wrt=wrt, prefix=prefix)
+        if not flax_trees.is_nnx_module(model):
+            raise TypeError(f"from_nnx: expected an nnx.Module, got {type(model).__name__}")
+        if filter is not None and wrt is not None:
+            raise TypeError("from_nnx: give filter= or its alias wrt=, not both")
+        wrt = filter if filter is not None else wrt
+        wrt = flax_trees.nnx_param_filter() if wrt is None else wrt
+        variables = flax_trees.nnx_variables(model, wrt)
+        if not variables:
+            raise ValueError(f"from_nnx: the model holds no Variable matching filter={wrt!r}")
+        for name, var in variables.items():
+            value = var.get_value()
+            if not isinstance(value, jax.Array | np.ndarray):
+                raise TypeError(
+                    f"from_nnx: Variable {prefix + name!r} holds a {type(value).__name__}, "
+                    f"not an array; narrow filter= to the Variables you train"
+                )
+        params = cls.from_pytree(flax_trees.nnx_pure_state(model, wrt), prefix=prefix)
+        for name, var in variables.items():
+            meta = var.get_metadata()
+            for attr in _NNX_METADATA:
+                if attr in meta:
+                    params[prefix + name].assign(attr, meta[attr])  # validated, naming the param
+        return params
 
     def _add(self, name: str, param: Parameter) -> None:
         self._index[name] = len(self._params)
@@ -203,27 +266,24 @@ class ParamDict(Mapping[str, Parameter]):
         `None` unsets the attribute, so the optimizer's override dicts apply again. The value is
         checked once before any Parameter changes. Returns this dict, for chaining.
         """
-        if attr not in _parameter.ATTRIBUTES:
+        if attr not in ATTRIBUTES:
             raise AttributeError(
-                f"setattr: unknown attribute {attr!r}{suggest(attr, _parameter.ATTRIBUTES)}; "
-                f"settable attributes are {', '.join(_parameter.ATTRIBUTES)}"
+                f"setattr: unknown attribute {attr!r}{suggest(attr, ATTRIBUTES)}; "
+                f"settable attributes are {', '.join(ATTRIBUTES)}"
             )
         where = f"ParamDict.setattr({attr!r})"
         if value is not None:
             if attr == "grad_req":
-                value = _parameter.check_grad_req(value, where)
+                value = check_grad_req(value, where)
                 attr = "frozen"
             elif attr == "frozen":
-                value = _parameter.check_frozen(value, where)
+                value = check_frozen(value, where)
             else:
-                value = _parameter.check_multiplier(attr, value, where)
+                value = check_multiplier(attr, value, where)
         elif attr == "grad_req":
             raise ValueError("setattr: grad_req must be 'write' or 'null', got None")
-        slot = "_" + attr
         for param in self._params.values():
-            setattr(param, slot, value)
-            param._origin.pop(attr, None)
-        _parameter._bump()
+            param.assign(attr, value)
         return self
 
     def update(self, other: Mapping[str, Parameter]) -> None:
@@ -261,7 +321,7 @@ class ParamDict(Mapping[str, Parameter]):
         for name, param in other.items():
             if name not in self._params:
                 if param.name is None:
-                    param._name = name
+                    param.name = name
                 self._add(name, param)
                 added = True
         if added:
@@ -288,17 +348,60 @@ class ParamDict(Mapping[str, Parameter]):
         return {name: p.data() for name, p in self._params.items()}
 
     # -- checkpoints ------------------------------------------------------------------------------
+    def describe(self) -> list[dict[str, Any]]:
+        """Each parameter's name, shape, dtype and raw metadata (set or unset), as JSON data."""
+        return [
+            {"name": n, "shape": list(p.shape), "dtype": str(p.dtype), **p.metadata()}
+            for n, p in self._params.items()
+        ]
+
+    def check_matches(self, saved: list[dict[str, Any]], where: str) -> None:
+        """Raise unless `saved` (from `describe`) has exactly these names, shapes and dtypes.
+
+        Args:
+          saved: what `describe()` returned for the saved dict.
+          where: how the message names the checkpoint.
+
+        Raises:
+          ValueError: naming the first mismatch.
+        """
+        names = list(self._params)
+        saved_names = [d["name"] for d in saved]
+        for i, (mine, theirs) in enumerate(zip(names, saved_names, strict=False)):
+            if mine != theirs:
+                raise ValueError(
+                    f"{where} does not match: parameter {i} is {mine!r} here and {theirs!r} in "
+                    f"the checkpoint"
+                )
+        if len(names) != len(saved_names):
+            extra = (names[len(saved_names) :] or saved_names[len(names) :])[0]
+            side = "here only" if len(names) > len(saved_names) else "in the checkpoint only"
+            raise ValueError(f"{where} does not match: parameter {extra!r} is {side}")
+        for d in saved:
+            p = self._params[d["name"]]
+            if list(p.shape) != list(d["shape"]):
+                raise ValueError(
+                    f"{where} does not match: {d['name']!r} has shape {p.shape} here and "
+                    f"{tuple(d['shape'])} in the checkpoint"
+                )
+            if str(p.dtype) != d["dtype"]:
+                raise ValueError(
+                    f"{where} does not match: {d['name']!r} has dtype {p.dtype} here and "
+                    f"{d['dtype']} in the checkpoint"
+                )
+
     def save(self, path: str | os.PathLike) -> None:
         """Save the values with orbax (a new step in the checkpoint directory at `path`)."""
-        from lrmult import checkpoint
-
-        checkpoint.save_params(self, path)
+        arrays = {n: p.peek() for n, p in self._params.items()}
+        checkpoint.write(path, _PARAMS_FORMAT, arrays, {"params": self.describe()})
 
     def load(self, path: str | os.PathLike) -> None:
         """Load the latest values saved at `path`; names, shapes and dtypes must match exactly."""
-        from lrmult import checkpoint
-
-        checkpoint.load_params(self, path)
+        meta, arrays = checkpoint.read(path, _PARAMS_FORMAT)
+        self.check_matches(meta["params"], f"checkpoint {os.fspath(path)!r}")
+        values = arrays()
+        for name, p in self._params.items():
+            p.set_data(values[name])
 
     # -- display -----------------------------------------------------------------------------------
     def table(self) -> Table:

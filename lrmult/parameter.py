@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-# Bumped on every metadata change of any Parameter. A Trainer compares it with the value it saw at
-# its last step, so reading metadata "live at every step" costs one integer comparison when nothing
-# changed.
-_metadata_version = 0
+from lrmult._names import suggest
 
 MULTIPLIERS = ("lr_mult", "wd_mult")
 ATTRIBUTES = ("lr_mult", "wd_mult", "frozen", "grad_req")
@@ -20,28 +18,28 @@ _GRAD_REQS = {"null": True, "write": False}
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
-def metadata_version() -> int:
-    """The global metadata version (changes whenever any Parameter's metadata changes)."""
-    return _metadata_version
+class ChangeLog:
+    """What changed on the Parameters one owner watches (a Trainer keeps one).
 
+    Gluon keeps a reference from each Parameter to its Trainer; here each Parameter keeps weak
+    references to the logs watching it, so a change reaches only the owners of that Parameter and
+    two unrelated Trainers never see each other's changes.
 
-def _bump() -> None:
-    global _metadata_version
-    _metadata_version += 1
+    Attributes:
+      metadata: names of the watched Parameters whose lr_mult / wd_mult / frozen changed.
+      values: names of the watched Parameters whose value was replaced or handed out.
+    """
 
+    __slots__ = ("metadata", "values", "__weakref__")
 
-# Bumped whenever a Parameter's value is replaced or handed out (set_data, data(), a Trainer's
-# write-back): a Trainer reuses its last step's outputs as the next inputs while it is unchanged.
-_values_version = 0
+    def __init__(self) -> None:
+        self.metadata: set[str] = set()
+        self.values: set[str] = set()
 
-
-def values_version() -> int:
-    return _values_version
-
-
-def _bump_values() -> None:
-    global _values_version
-    _values_version += 1
+    def clear(self) -> None:
+        """Forget what changed (the owner has taken it in)."""
+        self.metadata.clear()
+        self.values.clear()
 
 
 def _describe(name: str | None) -> str:
@@ -127,7 +125,17 @@ class Parameter:
       >>> p.grad_req = "null"      # Gluon's spelling of p.frozen = True
     """
 
-    __slots__ = ("_value", "_name", "_lr_mult", "_wd_mult", "_frozen", "_donatable", "_origin")
+    __slots__ = (
+        "_value",
+        "_name",
+        "_lr_mult",
+        "_wd_mult",
+        "_frozen",
+        "_donatable",
+        "_origin",
+        "_logs",
+        "_reported",
+    )
 
     def __init__(
         self,
@@ -154,11 +162,23 @@ class Parameter:
         self._donatable = False
         # attr -> what set it, when not the user directly (a preset): explain() shows it.
         self._origin: dict[str, str] = {}
+        self._logs: weakref.WeakSet[ChangeLog] = weakref.WeakSet()
+        # (attr, override key) whose shadowing by this Parameter's setting was reported.
+        self._reported: set[tuple[str, Any]] = set()
 
     # -- value -------------------------------------------------------------------------------
     @property
     def name(self) -> str | None:
+        """The parameter's name (a ParamDict names an unnamed Parameter once, when adding it)."""
         return self._name
+
+    @name.setter
+    def name(self, value: str) -> None:
+        if self._name is not None:
+            raise AttributeError(f"{_describe(self._name)}: a Parameter's name cannot change")
+        if not isinstance(value, str):
+            raise TypeError(f"Parameter name must be a str, got {type(value).__name__}")
+        self._name = value
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -172,7 +192,7 @@ class Parameter:
         """The current value. It stays valid after later training steps."""
         if self._donatable:
             self._donatable = False
-            _bump_values()
+            self._noted("values")
         return self._value
 
     def set_data(self, value: Any) -> None:
@@ -181,7 +201,46 @@ class Parameter:
         self.check_like(value, f"{_describe(self._name)}: set_data")
         self._value = value
         self._donatable = False
-        _bump_values()
+        self._noted("values")
+
+    def peek(self) -> jax.Array:
+        """The current value, for lrmult's own readers: unlike `data()` it is not handed out, so a
+        Trainer may still donate it when `donatable`. Never give it to user code."""
+        return self._value
+
+    @property
+    def donatable(self) -> bool:
+        """Whether the value was produced by a training step and never handed out since."""
+        return self._donatable
+
+    def set_trained(self, value: jax.Array, log: ChangeLog | None = None) -> None:
+        """Take a value produced by a training step (no checks: the step kept shape and dtype).
+
+        Args:
+          value: the new value, owned by lrmult until handed out by `data()`.
+          log: the writer's own log, which is not told (it knows); every other owner is.
+        """
+        self._value = value
+        self._donatable = True
+        for other in self._logs:
+            if other is not log:
+                other.values.add(self._name)
+
+    def first_report(self, attr: str, key: Any) -> bool:
+        """True the first time it is asked about `(attr, key)` since `attr` was last set: an
+        override `key` this Parameter's `attr` shadows is reported once per setting."""
+        if (attr, key) in self._reported:
+            return False
+        self._reported.add((attr, key))
+        return True
+
+    def watch(self, log: ChangeLog) -> None:
+        """Report this Parameter's changes to `log` (held weakly)."""
+        self._logs.add(log)
+
+    def _noted(self, kind: str) -> None:
+        for log in self._logs:
+            getattr(log, kind).add(self._name)
 
     def check_like(self, value: Any, what: str) -> None:
         """Raise unless `value` has this parameter's shape and dtype; `what` starts the message."""
@@ -200,15 +259,11 @@ class Parameter:
 
     @lr_mult.setter
     def lr_mult(self, value: float | None) -> None:
-        self._origin.pop("lr_mult", None)
-        self._lr_mult = None if value is None else check_multiplier("lr_mult", value, self._name)
-        _bump()
+        self.assign("lr_mult", value)
 
     @lr_mult.deleter
     def lr_mult(self) -> None:
-        self._origin.pop("lr_mult", None)
-        self._lr_mult = None
-        _bump()
+        self.assign("lr_mult", None)
 
     @property
     def wd_mult(self) -> float:
@@ -216,15 +271,11 @@ class Parameter:
 
     @wd_mult.setter
     def wd_mult(self, value: float | None) -> None:
-        self._origin.pop("wd_mult", None)
-        self._wd_mult = None if value is None else check_multiplier("wd_mult", value, self._name)
-        _bump()
+        self.assign("wd_mult", value)
 
     @wd_mult.deleter
     def wd_mult(self) -> None:
-        self._origin.pop("wd_mult", None)
-        self._wd_mult = None
-        _bump()
+        self.assign("wd_mult", None)
 
     @property
     def frozen(self) -> bool:
@@ -232,15 +283,11 @@ class Parameter:
 
     @frozen.setter
     def frozen(self, value: bool | None) -> None:
-        self._origin.pop("frozen", None)
-        self._frozen = None if value is None else check_frozen(value, self._name)
-        _bump()
+        self.assign("frozen", value)
 
     @frozen.deleter
     def frozen(self) -> None:
-        self._origin.pop("frozen", None)
-        self._frozen = None
-        _bump()
+        self.assign("frozen", None)
 
     @property
     def grad_req(self) -> str:
@@ -249,12 +296,37 @@ class Parameter:
 
     @grad_req.setter
     def grad_req(self, value: str) -> None:
-        self.frozen = check_grad_req(value, self._name)
+        self.assign("grad_req", value)
 
-    def _set_by(self, attr: str, value: Any, origin: str) -> None:
-        """Set `attr` on behalf of `origin` (a preset), which explain() then names as the source."""
-        setattr(self, attr, value)
-        self._origin[attr] = origin
+    def assign(self, attr: str, value: Any, origin: str | None = None) -> None:
+        """Set (or, with `None`, unset) `attr`, validated before anything changes.
+
+        Args:
+          attr: `lr_mult`, `wd_mult`, `frozen` or `grad_req`.
+          value: the new value, or `None` to unset it.
+          origin: what set it when not the user directly (a preset's name), shown by `explain()`.
+        """
+        if attr == "grad_req":
+            if value is None:
+                raise ValueError(f"{_describe(self._name)}: grad_req must be 'write' or 'null'")
+            attr, value = "frozen", check_grad_req(value, self._name)
+        elif value is None:
+            pass
+        elif attr == "frozen":
+            value = check_frozen(value, self._name)
+        elif attr in MULTIPLIERS:
+            value = check_multiplier(attr, value, self._name)
+        else:
+            raise AttributeError(
+                f"{_describe(self._name)}: unknown attribute {attr!r}{suggest(attr, ATTRIBUTES)}"
+            )
+        setattr(self, "_" + attr, value)
+        self._reported = {r for r in self._reported if r[0] != attr}
+        if origin is None or value is None:
+            self._origin.pop(attr, None)
+        else:
+            self._origin[attr] = origin
+        self._noted("metadata")
 
     def origin(self, attr: str) -> str | None:
         """What set `attr` (`'param'` for the user, a preset's name), or None if unset."""
@@ -267,14 +339,12 @@ class Parameter:
         if attr == "grad_req":
             attr = "frozen"
         if attr not in ("lr_mult", "wd_mult", "frozen"):
-            from lrmult._names import suggest
-
             raise AttributeError(
                 f"{_describe(self._name)}: unknown attribute {attr!r}{suggest(attr, ATTRIBUTES)}"
             )
         return getattr(self, "_" + attr) is not None
 
-    def _metadata(self) -> dict[str, Any]:
+    def metadata(self) -> dict[str, Any]:
         """The raw (possibly unset) metadata and what set it, for checkpoints."""
         return {
             "lr_mult": self._lr_mult,
@@ -283,11 +353,11 @@ class Parameter:
             "origin": dict(self._origin),
         }
 
-    def _restore_metadata(self, raw: dict[str, Any]) -> None:
-        """Put back what `_metadata` returned (no validation: it came from this class)."""
+    def restore_metadata(self, raw: dict[str, Any]) -> None:
+        """Put back what `metadata()` returned (no validation: it came from this class)."""
         self._lr_mult, self._wd_mult, self._frozen = raw["lr_mult"], raw["wd_mult"], raw["frozen"]
         self._origin = dict(raw.get("origin", {}))
-        _bump()
+        self._noted("metadata")
 
     def __repr__(self) -> str:
         parts = [f"name={self._name!r}", f"shape={self.shape}", f"dtype={self.dtype}"]

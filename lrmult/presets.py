@@ -65,7 +65,7 @@ def _compose(params: ParamDict, attr: str, factors: dict[str, float], origin: st
         value = getattr(p, attr) * factor  # an unset multiplier reads as 1.0
         new[name] = check_multiplier(attr, value, f"{name} ({origin})")
     for name, value in new.items():
-        params[name]._set_by(attr, value, origin)
+        params[name].assign(attr, value, origin)
     return _subset(params, list(new))
 
 
@@ -302,7 +302,7 @@ def linear_probe(params: ParamDict, head: Pattern) -> ParamDict:
             f"would be frozen; match the head only (e.g. 'head/')"
         )
     for name, p in params.items():
-        p._set_by("frozen", name not in chosen, "preset:linear_probe")
+        p.assign("frozen", name not in chosen, "preset:linear_probe")
     return chosen
 
 

@@ -13,25 +13,18 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lrmult import lookup
-from lrmult import parameter as _parameter
+from lrmult import checkpoint, lookup, report
 from lrmult._names import suggest
 from lrmult.display import Table
-from lrmult.lookup import FrozenLeaf, is_frozen_leaf
-from lrmult.optimizers import OPTIMIZERS
+from lrmult.lookup import is_masked
+from lrmult.optimizers import OPTIMIZERS, check_hyperparameter, check_learning_rate, custom
 from lrmult.paramdict import ParamDict
-from lrmult.parameter import Parameter
-from lrmult.transforms import (
-    MultState,
-    _host_value,
-    _place,
-    _refresh,
-    add_decayed_weights,
-    scale_by_lr_mult,
-    trainable_only,
-)
+from lrmult.parameter import ChangeLog, Parameter
+from lrmult.resync import by_path, carry_over, host_value, refresh_state
+from lrmult.transforms import MultState, place_like
 
-_FROZEN = FrozenLeaf()
+_FROZEN = optax.MaskedNode()
+_TRAINER_FORMAT = "lrmult-trainer-1"
 
 
 def _is_mult(x: Any) -> bool:
@@ -95,45 +88,6 @@ def _as_param_dict(params: Any) -> ParamDict:
     return out
 
 
-def _check_lr(value: Any, where: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise TypeError(f"{where}: learning rate must be a number, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value) or value < 0 or value > _parameter.FLOAT32_MAX:
-        raise ValueError(
-            f"{where}: learning rate must be a finite number >= 0 within float32's range, "
-            f"got {value!r}"
-        )
-    return value
-
-
-# Ready-chain arguments and the range each must lie in (decay rates stay below 1).
-_UNIT = ("momentum", "b1", "b2", "decay")
-_NONNEGATIVE = ("eps", "eps_root", "weight_decay", "initial_accumulator_value", "initial_scale")
-_FLAGS = ("nesterov", "centered", "eps_in_sqrt", "bias_correction")
-
-
-def _check_hyperparameter(key: str, arg: str, value: Any) -> Any:
-    """Validate one optimizer_params value now, not deep inside the first jitted step."""
-    where = f"Trainer: optimizer_params[{key!r}]"
-    if arg in _FLAGS:
-        if not isinstance(value, bool):
-            raise TypeError(f"{where} must be True or False, got {value!r}")
-        return value
-    if arg == "learning_rate" or (arg == "momentum" and value is None):
-        return value
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise TypeError(f"{where} must be a number, got {value!r} ({type(value).__name__})")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{where} must be finite, got {value!r}")
-    if arg in _UNIT and not 0 <= value < 1:
-        raise ValueError(f"{where} must be in [0, 1), got {value!r}")
-    if arg in _NONNEGATIVE and value < 0:
-        raise ValueError(f"{where} must be >= 0, got {value!r}")
-    return value
-
-
 def _check_clip(key: str, value: Any) -> float | None:
     if value is None:
         return None
@@ -191,9 +145,13 @@ class Trainer:
         opts = dict(optimizer_params)
         self._names = list(self._params)
         # (name, Parameter) pairs, read at every step without going through the Mapping API.
-        self._plist = list(self._params._params.items())
+        self._plist = list(self._params.items())
+        # What changed on these Parameters since this Trainer last looked (only these).
+        self._log = ChangeLog()
+        for _, p in self._plist:
+            p.watch(self._log)
         self._treedef, self._order = self._params.structure()
-        template = {n: FrozenLeaf() for n in self._names}
+        template = {n: optax.MaskedNode() for n in self._names}
         self._leaves = lookup.leaves_of(template, self._params, None)
         self._lr_overrides: dict[int | str, float] = {}
         self._wd_overrides: dict[int | str, float] = {}
@@ -220,13 +178,11 @@ class Trainer:
                 learning_rate=lr
             )
         self._check_trainable_dtypes()
-        self._opt_state = self._tx.init({n: self._params[n]._value for n in self._names})
-        self._seen_version = _parameter.metadata_version()
+        self._opt_state = self._tx.init({n: self._params[n].peek() for n in self._names})
+        self._log.clear()
         self._dirty = False
-        self._warned: set[Any] = set()
         self._train_fns: dict[Any, Callable] = {}
         self._inputs: tuple[dict[str, Any], dict[str, Any]] | None = None
-        self._inputs_versions = (-1, -1)
         self._apply_fn = jax.jit(
             self._lrmult_apply_step, donate_argnums=(0, 1), static_argnames="outer"
         )
@@ -255,9 +211,9 @@ class Trainer:
                         f"Trainer: optimizer_params key {k!r} is not an argument of "
                         f"{key!r}{suggest(k, known)}; accepted: {', '.join(known)}"
                     )
-                kwargs[arg] = _check_hyperparameter(k, arg, v)
+                kwargs[arg] = check_hyperparameter(arg, v, f"Trainer: optimizer_params[{k!r}]")
             self._lr = kwargs.pop("learning_rate", _DEFAULT_LR[key])
-            self._check_lr_arg(self._lr)
+            check_learning_rate(self._lr, "Trainer")
             self._description = (
                 f"{key}({', '.join(f'{k}={v!r}' for k, v in sorted(kwargs.items()))})"
             )
@@ -278,43 +234,17 @@ class Trainer:
             self._lr = opts.get("learning_rate")
             self._description = "a custom optax transformation"
             if self._lr is not None:
-                self._check_lr_arg(self._lr)
-            wd = opts.get("wd", 0.0)
+                check_learning_rate(self._lr, "Trainer")
+            wd = check_hyperparameter("weight_decay", opts.get("wd", 0.0), "Trainer: wd")
 
             def direction(learning_rate):
-                links = [
-                    add_decayed_weights(wd, pd) if wd else None,
-                    optimizer,
-                    optax.scale_by_learning_rate(learning_rate)
-                    if learning_rate is not None
-                    else None,
-                    scale_by_lr_mult(pd),
-                ]
-                return trainable_only(optax.chain(*(t for t in links if t is not None)), pd)
+                return custom(optimizer, learning_rate, wd, param_dict=pd)
 
             return direction
         raise TypeError(
             f"Trainer: optimizer must be a name or an optax.GradientTransformation, "
             f"got {type(optimizer).__name__}"
         )
-
-    @staticmethod
-    def _check_lr_arg(lr: Any) -> None:
-        if not callable(lr):
-            _check_lr(lr, "Trainer")
-            return
-        try:
-            value = lr(0)
-        except TypeError as e:
-            raise TypeError(
-                f"Trainer: learning_rate is callable but not a schedule step -> rate "
-                f"(an optax schedule such as optax.cosine_decay_schedule(...)): {e}"
-            ) from None
-        if np.ndim(value) != 0:
-            raise TypeError(
-                f"Trainer: the learning_rate schedule must return a scalar, got shape "
-                f"{np.shape(value)} at step 0"
-            )
 
     # -- properties ---------------------------------------------------------------------------
     @property
@@ -333,8 +263,8 @@ class Trainer:
         if self._lr is None:
             return None
         if self._schedule:
-            return float(self._lr(int(_host_value(self._opt_state.count))))
-        return _host_value(self._opt_state.hyperparams["learning_rate"])
+            return float(self._lr(int(host_value(self._opt_state.count))))
+        return host_value(self._opt_state.hyperparams["learning_rate"])
 
     def set_learning_rate(self, lr: float) -> None:
         """Set the base learning rate; takes effect at the next step, without recompiling."""
@@ -348,12 +278,14 @@ class Trainer:
                 "set_learning_rate: the learning rate is driven by a schedule; "
                 "build a Trainer with a float learning_rate to set it by hand"
             )
-        lr = _check_lr(lr, "set_learning_rate")
+        if callable(lr):
+            raise TypeError("set_learning_rate: lr must be a number; a schedule is set at build")
+        lr = check_learning_rate(lr, "set_learning_rate")
         state = self._opt_state
         hyper = dict(state.hyperparams)
         old = hyper["learning_rate"]
         # Same dtype and placement as before: the jitted step sees the same input signature.
-        hyper["learning_rate"] = _place(lr, old, old.dtype)
+        hyper["learning_rate"] = place_like(lr, old, old.dtype)
         self._opt_state = state._replace(hyperparams=hyper)
 
     # -- the lookup chain's override dicts --------------------------------------------------------
@@ -393,10 +325,8 @@ class Trainer:
         """Each parameter's multipliers, effective learning rate, and which link set each value."""
         lr = self.learning_rate
         base = float("nan") if lr is None else lr
-        rows = lookup.explain_rows(
-            self._leaves, self._params, self._lr_overrides, self._wd_overrides, base
-        )
-        return Table(rows, title=f"Trainer.explain (base learning rate {base:.6g})")
+        rows = report.rows(self._leaves, self._params, self._lr_overrides, self._wd_overrides, base)
+        return report.table(rows, "Trainer.explain", base)
 
     # -- checkpoints ------------------------------------------------------------------------------
     def save_states(self, path: str | os.PathLike) -> None:
@@ -406,9 +336,14 @@ class Trainer:
         Parameter values are saved separately, by `params.save(path)`. Each call adds a new step
         to the checkpoint directory; the two latest are kept.
         """
-        from lrmult import checkpoint
-
-        checkpoint.save_trainer(self, path)
+        arrays = by_path(self._opt_state)
+        meta = {
+            "optimizer": self._description,
+            "params": self._params.describe(),
+            "lr_overrides": [[k, v] for k, v in self._lr_overrides.items()],
+            "wd_overrides": [[k, v] for k, v in self._wd_overrides.items()],
+        }
+        checkpoint.write(path, _TRAINER_FORMAT, arrays, meta)
 
     def load_states(self, path: str | os.PathLike) -> None:
         """Restore what `save_states` saved; training then continues bit for bit.
@@ -418,28 +353,42 @@ class Trainer:
         refused, naming the first mismatch, before anything changes; a missing path is a
         `FileNotFoundError`.
         """
-        from lrmult import checkpoint
+        where = f"checkpoint {os.fspath(path)!r}"
+        meta, read_arrays = checkpoint.read(path, _TRAINER_FORMAT)
+        self._params.check_matches(meta["params"], where)
+        if meta["optimizer"] != self._description:
+            raise ValueError(
+                f"{where} was saved by a Trainer with optimizer {meta['optimizer']}; this one "
+                f"has {self._description}"
+            )
+        arrays = read_arrays()
+        params = dict(self._plist)
+        before = {n: p.metadata() for n, p in self._plist}
+        overrides = (dict(self._lr_overrides), dict(self._wd_overrides))
+        try:
+            for d in meta["params"]:
+                params[d["name"]].restore_metadata(d)
+            self._lr_overrides = {k: float(v) for k, v in meta["lr_overrides"]}
+            self._wd_overrides = {k: float(v) for k, v in meta["wd_overrides"]}
+            self._check_trainable_dtypes()
+            state = self._refreshed()
+            self._opt_state = carry_over(arrays, state)
+        except BaseException:
+            for n, raw in before.items():
+                params[n].restore_metadata(raw)
+            self._lr_overrides, self._wd_overrides = overrides
+            raise
+        self._log.clear()
+        self._inputs = None
+        self._dirty = False
 
-        checkpoint.load_trainer(self, path)
-
-    def _restore_state(self, arrays: Mapping[str, Any]) -> None:
-        """Take the saved arrays into a state built for the Parameters' current frozen set."""
-        self._check_trainable_dtypes()
-        state = _refresh(
+    def _refreshed(self) -> Any:
+        """The optimizer state brought up to date with the Parameters and the override dicts."""
+        return refresh_state(
             self._opt_state,
             self._params,
             overrides={"lr_mult": self._lr_overrides, "wd_mult": self._wd_overrides},
-            warned=set(),
         )
-        flat, treedef = jax.tree_util.tree_flatten_with_path(state)
-        leaves = []
-        for path, leaf in flat:
-            saved = arrays.get(jax.tree_util.keystr(path))
-            alike = saved is not None and saved.shape == leaf.shape and saved.dtype == leaf.dtype
-            leaves.append(saved if alike else leaf)
-        self._opt_state = jax.tree.unflatten(treedef, leaves)
-        self._seen_version = _parameter.metadata_version()
-        self._dirty = False
 
     # -- stepping ---------------------------------------------------------------------------------
     def _check_trainable_dtypes(self) -> None:
@@ -452,46 +401,39 @@ class Trainer:
 
     def _sync(self) -> None:
         """Bring the optimizer state up to date with the Parameters' metadata and the overrides."""
-        version = _parameter.metadata_version()
-        if version == self._seen_version and not self._dirty:
+        if not self._log.metadata and not self._dirty:
             return
         self._check_trainable_dtypes()
-        self._opt_state = _refresh(
-            self._opt_state,
-            self._params,
-            overrides={"lr_mult": self._lr_overrides, "wd_mult": self._wd_overrides},
-            warned=self._warned,
-        )
-        self._seen_version = version
+        self._opt_state = self._refreshed()
+        self._log.metadata.clear()
+        self._inputs = None  # the frozen set may have changed
         self._dirty = False
 
     def _gather(self) -> tuple[dict[str, Any], dict[str, Any]]:
         """The step's inputs: trainable values (FrozenLeaf where frozen), and frozen values."""
-        versions = (_parameter.values_version(), _parameter.metadata_version())
-        if self._inputs is not None and self._inputs_versions == versions:
+        if self._inputs is not None and not self._log.values:
             return self._inputs  # nothing touched the Parameters since our last write-back
         trainable: dict[str, Any] = {}
         frozen: dict[str, Any] = {}
         for name, p in self._plist:
-            if p._frozen:
+            value = p.peek()
+            if p.frozen:
                 trainable[name] = _FROZEN
-                frozen[name] = p._value
-            elif p._donatable:
-                trainable[name] = p._value
+                frozen[name] = value
+            elif p.donatable:
+                trainable[name] = value
             else:
                 # The user still holds this array: give the donating step a copy of its own.
-                trainable[name] = jnp.array(p._value, dtype=p._value.dtype, copy=True)
+                trainable[name] = jnp.array(value, dtype=value.dtype, copy=True)
+        self._log.values.clear()
         return trainable, frozen
 
     def _write_back(self, new: Mapping[str, Any], frozen: Mapping[str, Any]) -> None:
         for name, p in self._plist:
             value = new[name]
-            if not is_frozen_leaf(value):
-                p._value = value
-                p._donatable = True
-        _parameter._bump_values()
+            if not is_masked(value):
+                p.set_trained(value, self._log)
         self._inputs = (new, frozen)
-        self._inputs_versions = (_parameter.values_version(), _parameter.metadata_version())
 
     def _update(self, grads, parts, trainable):
         """The update inside both jitted steps; with `check_finite`, a no-op on bad gradients.
@@ -517,7 +459,7 @@ class Trainer:
     def _raise_if_not_finite(self, finite) -> None:
         if finite is None:
             return
-        flags = jax.device_get({n: f for n, f in finite.items() if not is_frozen_leaf(f)})
+        flags = jax.device_get({n: f for n, f in finite.items() if not is_masked(f)})
         bad = [n for n in self._names if n in flags and not bool(flags[n])]
         if bad:
             raise FloatingPointError(
@@ -593,8 +535,8 @@ class Trainer:
         flat = self._grads_by_name(grads)
         self._sync()
         trainable, frozen = self._gather()
-        g = {n: (flat[n] if n in flat else FrozenLeaf()) for n in self._names}
-        g = {n: (FrozenLeaf() if is_frozen_leaf(trainable[n]) else v) for n, v in g.items()}
+        g = {n: (flat[n] if n in flat else optax.MaskedNode()) for n in self._names}
+        g = {n: (optax.MaskedNode() if is_masked(trainable[n]) else v) for n, v in g.items()}
         outer, rest, mults = _split_state(self._opt_state)
         new, rest, finite = self._apply_fn(
             trainable, rest, mults, g, jnp.float32(1.0 / batch_size), outer=outer
@@ -613,7 +555,7 @@ class Trainer:
 
         def lrmult_train_step(trainable, frozen, rest, mults, args, outer):
             def objective(tr):
-                values = {**frozen, **{n: v for n, v in tr.items() if not is_frozen_leaf(v)}}
+                values = {**frozen, **{n: v for n, v in tr.items() if not is_masked(v)}}
                 out = loss_fn(jax.tree.unflatten(treedef, [values[n] for n in order]), *args)
                 if has_aux and not (isinstance(out, tuple) and len(out) == 2):
                     raise TypeError(

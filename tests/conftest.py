@@ -36,17 +36,12 @@ def compiles():
 def step_counts(opt_state, names):
     """`{name: step count}` of the first per-leaf (Adam) state in `opt_state`; `names` in the
     params' flatten order (sorted, for a Trainer's state)."""
+    from lrmult.resync import find
     from lrmult.transforms import CohortState
 
-    found = []
-    jax.tree.map(
-        lambda x: found.append(x) if isinstance(x, CohortState) else None,
-        opt_state,
-        is_leaf=lambda x: isinstance(x, CohortState),
-    )
-    node = found[0]
+    node = find(opt_state, CohortState)[0][1]
     return {
         name: int(node.states[c].count)
-        for name, c in zip(names, node.cohorts, strict=True)
+        for name, c in zip(names, node.spec.cohorts, strict=True)
         if c >= 0
     }

@@ -134,7 +134,7 @@ def test_nnx_optimizer_and_nnx_jit_follow_variable_metadata(compiles):
     # Prediction 0.87 + 1.87 - 0.8 + 3 = 4.94, gradient 9.88; the kernel's lr_mult is now 1.
     count = compiles()
     params["backbone/kernel"].lr_mult = 1.0
-    lrmult.refresh_optimizer(optimizer)
+    lrmult.refresh_optimizer(optimizer, params)
     nnx_opt_step(model, optimizer, X, Y)
     assert count("nnx_opt_step") == 0
     np.testing.assert_allclose(
@@ -291,13 +291,13 @@ def test_refresh_optimizer_changes_multipliers_without_retracing(compiles):
     np.testing.assert_allclose(model.lin.kernel[...], [[0.65], [1.65]], rtol=1e-6)
     count = compiles()
     params["lin/kernel"].lr_mult = 1.0
-    lrmult.refresh_optimizer(optimizer)
+    lrmult.refresh_optimizer(optimizer, params)
     nnx_opt_step(model, optimizer, X, Y)  # prediction 2.8, gradient 5.6
     assert count("nnx_opt_step") == 0
     np.testing.assert_allclose(model.lin.kernel[...], [[0.09], [1.09]], rtol=1e-4)
     np.testing.assert_array_equal(model.lin.bias[...], B0)
     params["lin/bias"].frozen = False  # a new frozen set: one trace, the bias moves from now on
-    lrmult.refresh_optimizer(optimizer)
+    lrmult.refresh_optimizer(optimizer, params)
     nnx_opt_step(model, optimizer, X, Y)  # prediction 1.68, gradient 3.36
     assert count("nnx_opt_step") == 1
     np.testing.assert_allclose(model.lin.kernel[...], [[0.09 - 0.336], [1.09 - 0.336]], rtol=1e-4)
@@ -322,7 +322,7 @@ def test_nnx_optimizer_with_sharded_parameters():
 
 def test_refresh_optimizer_refuses_other_objects():
     with pytest.raises(TypeError, match="expected an nnx.Optimizer"):
-        lrmult.refresh_optimizer(optax.sgd(0.1))
+        lrmult.refresh_optimizer(optax.sgd(0.1), ParamDict.from_pytree({"w": jnp.ones(2)}))
 
 
 # -- Linen ----------------------------------------------------------------------------------------

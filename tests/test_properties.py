@@ -390,7 +390,7 @@ def test_iv_explain_agrees_with_the_update_applied(case):
             lr, weight_decay=WD, param_dict=pd, lr_mult=plan["lr_over"], wd_mult=plan["wd_over"]
         )
         state = tx.init(tree)
-        rows = {r.name: r for r in lrmult.explain(state, learning_rate=lr)}
+        rows = {r.name: r for r in lrmult.explain(state, pd, learning_rate=lr)}
         grads = build_tree(structure, {n: jnp.asarray(v) for n, v in case["g"].items()})
         updates, _ = tx.update(grads, state, tree)
         new = flat(structure, optax.apply_updates(tree, updates))
@@ -432,7 +432,7 @@ def test_iv_explain_describes_the_state_at_the_optax_level():
     applied = -float(updates["a"][0])
     assert applied == 1.0
     with pytest.warns(UserWarning, match=r"'a'.*lrmult.refresh"):
-        row = {r.name: r for r in lrmult.explain(state, learning_rate=1.0)}["a"]
+        row = {r.name: r for r in lrmult.explain(state, pd, learning_rate=1.0)}["a"]
     assert (row.lr_mult, row.lr, row.lr_source) == (1.0, applied, "state")
 
 
@@ -487,7 +487,7 @@ def test_v_refresh_is_idempotent_and_a_no_op_when_nothing_changed(case):
     updates, state = tx.update(jax.tree.map(jnp.ones_like, tree), state, tree)
     tree = optax.apply_updates(tree, updates)
     same_state(lrmult.refresh(state, pd), state)  # nothing changed since init
-    same_state(lrmult.refresh(state), state)
+    same_state(lrmult.refresh(state, pd), state)
     # the Parameters change (attributes, frozen set); the override dicts stay the chain's own.
     # (A Parameter attribute set over one of the chain's overrides is left out: with a change of
     # the frozen set, refresh then raises, see test_v_refresh_with_an_override_shadowed_later.)
@@ -502,7 +502,7 @@ def test_v_refresh_is_idempotent_and_a_no_op_when_nothing_changed(case):
     apply_params(pd, second)
     once = lrmult.refresh(state, pd)
     same_state(lrmult.refresh(once, pd), once)
-    same_state(lrmult.refresh(once), once)
+    same_state(lrmult.refresh(once, pd), once)
     if second["param"] == first["param"] and second["frozen"] == first["frozen"]:
         same_state(once, state)
     # and the refreshed state runs

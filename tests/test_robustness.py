@@ -12,9 +12,10 @@ import numpy as np
 import optax
 import pytest
 
-import lrmult
 from lrmult import ParamDict, Trainer
 from lrmult.optimizers import OPTIMIZERS
+from lrmult.resync import find
+from lrmult.transforms import MultState
 
 B1, B2, EPS = 0.9, 0.999, 1e-8
 
@@ -35,7 +36,7 @@ def within(actual, expected, scale, dtype, ulps=2.0) -> None:
 
 
 def multiplier_dtypes(opt_state) -> set:
-    _, mults = lrmult.transforms.find_nodes(opt_state)
+    mults = [m for _, m in find(opt_state, MultState)]
     assert mults, "no multiplier state found"
     return {x.dtype for m in mults for x in jax.tree.leaves(m.values)}
 

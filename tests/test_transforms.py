@@ -11,6 +11,8 @@ from conftest import step_counts
 
 import lrmult
 from lrmult import ParamDict
+from lrmult.resync import find
+from lrmult.transforms import MultState
 
 
 def tree():
@@ -177,7 +179,10 @@ def test_refresh_warns_once_for_an_override_shadowed_later():
         state = lrmult.refresh(state, pd)
         state = lrmult.refresh(state, pd)
     assert len(caught) == 1 and "'a'" in str(caught[0].message)
-    assert {r.name: (r.lr_mult, r.lr_source) for r in lrmult.explain(state)}["a"] == (2.0, "param")
+    assert {r.name: (r.lr_mult, r.lr_source) for r in lrmult.explain(state, pd)}["a"] == (
+        2.0,
+        "param",
+    )
 
 
 def test_per_leaf_gives_each_leaf_its_own_count():
@@ -210,7 +215,7 @@ def test_multipliers_are_float32_scalars_and_updates_keep_dtype():
     pd["h"].lr_mult = 0.5
     tx = lrmult.adamw(0.1, param_dict=pd)
     state = tx.init(params)
-    mults = [m for m in lrmult.transforms.find_nodes(state)[1] if m.link.attr == "lr_mult"]
+    mults = [m for _, m in find(state, MultState) if m.spec.attr == "lr_mult"]
     values = mults[0].values
     assert all(v.dtype == jnp.float32 and v.shape == () for v in jax.tree.leaves(values))
     assert (float(values["f"]), float(values["h"])) == (1.0, 0.5)

@@ -1,0 +1,138 @@
+"""`explain`: what each parameter gets and which link of the lookup chain set it, as a table.
+
+One implementation serves the Trainer (`Trainer.explain()`) and the optax level
+(`lrmult.explain(opt_state, param_dict)`); at the optax level it also compares the chain's answer
+with what the state actually applies, and marks (and warns about) a state left stale.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from lrmult import lookup
+from lrmult.display import Table
+from lrmult.lookup import Leaf, is_masked
+from lrmult.resync import find, host_value
+from lrmult.transforms import MultState, flatten
+
+
+class ExplainRow(NamedTuple):
+    """One row of `explain()`: what each leaf gets, and which link of the chain set it."""
+
+    index: int
+    name: str
+    shape: tuple[int, ...]
+    lr_mult: float
+    wd_mult: float
+    frozen: bool
+    lr: float
+    lr_source: str
+    wd_source: str
+    frozen_source: str
+
+
+def rows(
+    leaves: list[Leaf],
+    param_dict: Mapping[str, Any] | None,
+    lr_overrides: Mapping[int | str, float] | None,
+    wd_overrides: Mapping[int | str, float] | None,
+    base_lr: float,
+) -> list[ExplainRow]:
+    """Rows in index order; `lr` is the effective rate `base_lr * lr_mult` (0 when frozen)."""
+    lrs = lookup.resolve("lr_mult", leaves, param_dict, lr_overrides)
+    wds = lookup.resolve("wd_mult", leaves, param_dict, wd_overrides)
+    fzs = lookup.resolve("frozen", leaves, param_dict)
+    out = []
+    for leaf, (m, ms), (d, ds), (fz, fs) in zip(leaves, lrs, wds, fzs, strict=True):
+        shape = leaf.shape
+        if param_dict is not None and leaf.name in param_dict:
+            shape = tuple(param_dict[leaf.name].shape)
+        lr = 0.0 if fz else base_lr * m
+        out.append(ExplainRow(leaf.index, leaf.name, shape, m, d, fz, lr, ms, ds, fs))
+    return sorted(out, key=lambda r: r.index)
+
+
+def table(row_list: list[ExplainRow], who: str, base_lr: float) -> Table:
+    """The rows as a `Table` titled with `who` and the base learning rate."""
+    return Table(row_list, title=f"{who} (base learning rate {base_lr:.6g})")
+
+
+def _state_lr(opt_state: Any) -> float:
+    """The base learning rate an `inject_hyperparams` state holds, else nan."""
+    hyper = getattr(opt_state, "hyperparams", None) or {}
+    lr = hyper.get("learning_rate")
+    return float(lr) if lr is not None else float("nan")
+
+
+def explain(
+    opt_state: Any,
+    param_dict: Mapping[str, Any] | None = None,
+    learning_rate: float | None = None,
+) -> Table:
+    """What each leaf gets from an lrmult optimizer state, and which link of the chain set it.
+
+    Args:
+      opt_state: a state holding lrmult's multipliers (from `scale_by_lr_mult` or a ready chain).
+      param_dict: the ParamDict to read; without one, the rows show what the state applies and
+        the override dicts it was built with (a Parameter's own setting reads as `state`).
+      learning_rate: the base rate for the `lr` column; read from an `inject_hyperparams` state
+        when not given, else shown as nan.
+
+    Returns:
+      A `Table` of `ExplainRow`s, printable as text and shown as HTML in notebooks.
+    """
+    by_attr = {node.spec.attr: node for _, node in reversed(find(opt_state, MultState))}
+    if "lr_mult" not in by_attr:
+        raise ValueError("explain: opt_state holds no scale_by_lr_mult state")
+    lr_node = by_attr["lr_mult"]
+    wd_node = by_attr.get("wd_mult")
+    base = _state_lr(opt_state) if learning_rate is None else float(learning_rate)
+    row_list = rows(
+        lr_node.spec.leaves_for(param_dict),
+        param_dict,
+        dict(lr_node.spec.overrides),
+        dict(wd_node.spec.overrides) if wd_node is not None else None,
+        base,
+    )
+
+    def differs(held, resolved):
+        return held is not None and np.float32(held) != np.float32(resolved)
+
+    stale = []
+    applied = zip(
+        _applied(lr_node, param_dict, len(row_list)),
+        _applied(wd_node, param_dict, len(row_list)),
+        strict=True,
+    )
+    for k, (row, (m, d)) in enumerate(zip(row_list, applied, strict=True)):
+        if row.frozen or not (differs(m, row.lr_mult) or differs(d, row.wd_mult)):
+            continue
+        stale.append(row.name)
+        # Show what the state applies; "state" marks a value param_dict has changed since.
+        if differs(m, row.lr_mult):
+            row = row._replace(lr_mult=m, lr=base * m, lr_source="state")
+        if differs(d, row.wd_mult):
+            row = row._replace(wd_mult=d, wd_source="state")
+        row_list[k] = row
+    if stale and param_dict is not None:
+        warnings.warn(
+            f"explain: the state applies other multipliers than param_dict now says (first: "
+            f"{stale[0]!r}); call lrmult.refresh(opt_state, param_dict) before the next update",
+            stacklevel=2,
+        )
+    return table(row_list, "lrmult.explain", base)
+
+
+def _applied(node: MultState | None, param_dict: Any, n: int) -> list[Any]:
+    """The multipliers a state holds, in the rows' index order (None where frozen or absent)."""
+    if node is None:
+        return [None] * n
+    values = dict.fromkeys(range(n))
+    flat = flatten(node.values)[0]
+    for leaf, x in zip(node.spec.leaves_for(param_dict), flat, strict=True):
+        values[leaf.index] = None if is_masked(x) else host_value(x)
+    return [values[i] for i in sorted(values)]

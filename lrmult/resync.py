@@ -1,0 +1,217 @@
+"""Between steps: bring an lrmult optimizer state up to date with a ParamDict.
+
+`refresh` rewrites the per-leaf multipliers a state holds (same structure, so a jitted update does
+not recompile) and, when the frozen set changed, gives the state its new structure: the state of
+every leaf that stays trainable is carried over, newly trainable leaves get fresh state in a
+cohort of their own (their own step count), newly frozen leaves drop theirs.
+"""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+from collections.abc import Mapping
+from dataclasses import replace
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from lrmult import lookup
+from lrmult.lookup import is_masked
+from lrmult.transforms import (
+    CohortState,
+    MultState,
+    TrainableState,
+    check_param_dict,
+    flatten,
+    members,
+    place_like,
+)
+
+
+def _is_node(x: Any) -> bool:
+    return isinstance(x, (TrainableState, MultState, CohortState))
+
+
+def find(opt_state: Any, kind: type) -> list[tuple[Any, Any]]:
+    """`(key path, node)` of every `kind` node (`MultState`, ...) in a state, outermost first."""
+    return optax.tree_utils.tree_get_all_with_path(opt_state, kind.__name__)
+
+
+def host_value(x: jax.Array) -> Any:
+    """An array's value on the host, also when it spans processes (read the local copy)."""
+    value = np.asarray(x.addressable_data(0))
+    return float(value) if value.ndim == 0 else value
+
+
+def carry_over(source: Mapping[str, Any], new: Any) -> Any:
+    """`new`, with each array taken from `source` (keyed by `keystr` path) where one is alike."""
+
+    def pick(path, x):
+        y = source.get(jax.tree_util.keystr(path))
+        if (
+            y is not None
+            and not is_masked(x)
+            and np.shape(y) == np.shape(x)
+            and jnp.result_type(y) == jnp.result_type(x)
+        ):
+            return y
+        return x
+
+    return jax.tree_util.tree_map_with_path(pick, new, is_leaf=is_masked)
+
+
+def by_path(tree: Any) -> dict[str, Any]:
+    """`{keystr(path): array}` of a state's arrays."""
+    return {
+        jax.tree_util.keystr(path): x for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]
+    }
+
+
+def _next_cohorts(old: tuple[int, ...], frozen: tuple[bool, ...]) -> tuple[int, ...]:
+    """Leaves that stay trainable keep their cohort; leaves that become trainable form one new
+    cohort."""
+    new_label = max(old, default=-1) + 1
+    return tuple(
+        -1 if fz else (c if c >= 0 else new_label) for c, fz in zip(old, frozen, strict=True)
+    )
+
+
+def _regroup(fresh: Any, old_state: Any, params: Any) -> Any:
+    """`fresh` (every trainable leaf in cohort 0) with the cohorts `old_state` implies."""
+    old_nodes = dict(
+        (jax.tree_util.keystr(path), node) for path, node in find(old_state, CohortState)
+    )
+
+    def visit(path, node):
+        if not isinstance(node, CohortState):
+            return node
+        old = old_nodes.get(jax.tree_util.keystr(path))
+        if old is None or len(old.spec.cohorts) != len(node.spec.cohorts):
+            return node
+        frozen = tuple(c < 0 for c in node.spec.cohorts)
+        cohorts = _next_cohorts(old.spec.cohorts, frozen)
+        spec = replace(node.spec, cohorts=cohorts)
+        labels = sorted({c for c in cohorts if c >= 0})
+        return CohortState({c: spec.init(members(params, cohorts, c)) for c in labels}, spec)
+
+    return jax.tree_util.tree_map_with_path(
+        visit, fresh, is_leaf=lambda x: isinstance(x, CohortState)
+    )
+
+
+def _restructure(state: TrainableState, param_dict: Any) -> TrainableState:
+    spec = state.spec
+    lookup.check_leaves_named(list(spec.leaves), param_dict, "refresh")
+    frozen = lookup.frozen_mask(list(spec.leaves), param_dict)
+    if frozen == spec.frozen:
+        return state
+    values = []
+    for leaf, dtype, fz in zip(spec.leaves, spec.dtypes, frozen, strict=True):
+        if fz:
+            values.append(optax.MaskedNode())
+        elif param_dict is not None and leaf.name in param_dict:
+            values.append(param_dict[leaf.name].peek())
+        else:
+            values.append(jnp.zeros(leaf.shape, dtype))
+    params = spec.treedef.unflatten(values)  # already masked: MaskedNode where frozen
+    fresh = _regroup(spec.init(params), state.inner, params)
+    return TrainableState(carry_over(by_path(state.inner), fresh), replace(spec, frozen=frozen))
+
+
+def _refresh_mult(
+    state: MultState,
+    param_dict: Any,
+    overrides: Mapping | None,
+) -> MultState:
+    spec = state.spec
+    leaves = spec.leaves_for(param_dict)
+    lookup.check_leaves_named(leaves, param_dict, "refresh")
+    overrides = dict(spec.overrides) if overrides is None else overrides
+    for key, name in lookup.shadowed(spec.attr, overrides, leaves, param_dict):
+        if param_dict[name].first_report(spec.attr, key):
+            warnings.warn(
+                f"{spec.attr} override {key!r} no longer acts on parameter {name!r}: its "
+                f"Parameter's {spec.attr} was set since, and comes first in the lookup chain",
+                stacklevel=_user_stacklevel(),
+            )
+    flat, treedef = flatten(state.values)
+    arrays = [x for x in flat if not is_masked(x)]
+    old = iter(jax.device_get([x.addressable_data(0) for x in arrays]))  # one transfer
+    changed = False
+    out = []
+    for x, v in zip(
+        flat, lookup.multiplier_values(spec.attr, leaves, param_dict, overrides), strict=True
+    ):
+        if is_masked(x):
+            out.append(x)
+        elif np.float32(next(old)) == np.float32(v):
+            out.append(x)
+        else:
+            out.append(place_like(v, x))
+            changed = True
+    return MultState(treedef.unflatten(out), spec) if changed else state
+
+
+def _user_stacklevel() -> int:
+    """The stack level of the first frame outside lrmult and JAX: warnings point at user code."""
+    frame, level = inspect.currentframe().f_back, 1
+    while frame is not None:
+        module = frame.f_globals.get("__name__", "")
+        if not (module.startswith("lrmult") or module.startswith("jax")):
+            return level
+        frame, level = frame.f_back, level + 1
+    return 1
+
+
+def refresh_state(
+    opt_state: Any,
+    param_dict: Any,
+    overrides: Mapping[str, Mapping] | None = None,
+) -> Any:
+    """The engine of `refresh`, with the Trainer's own override dicts and warning record.
+
+    Args:
+      opt_state: an optimizer state holding lrmult's nodes.
+      param_dict: the ParamDict to read.
+      overrides: `{"lr_mult": {...}, "wd_mult": {...}}` replacing the transformations' own.
+
+    An override that a Parameter's setting shadows since is warned about once per setting.
+    """
+
+    def visit(node):
+        if isinstance(node, TrainableState):
+            node = _restructure(node, param_dict)
+            return TrainableState(jax.tree.map(visit, node.inner, is_leaf=_is_node), node.spec)
+        if isinstance(node, MultState):
+            ovr = None if overrides is None else overrides.get(node.spec.attr, {})
+            return _refresh_mult(node, param_dict, ovr)
+        return node
+
+    return jax.tree.map(visit, opt_state, is_leaf=_is_node)
+
+
+def refresh(opt_state: Any, param_dict: Mapping[str, Any]) -> Any:
+    """The same optimizer state with `param_dict`'s current multipliers and frozen set.
+
+    Call it between steps after `setattr`: the new state has the same structure (so a jitted
+    update does not recompile) unless the frozen set changed, in which case it has the new
+    structure, the state of every leaf that stays trainable is carried over, and newly trainable
+    leaves get fresh state (with their own step count, under the ready chains).
+
+    Args:
+      opt_state: a state made by lrmult's transformations (anywhere inside an optax chain,
+        `inject_hyperparams`, ...).
+      param_dict: the ParamDict to read (the one the transformations were built with, or one
+        holding Parameters of the same names).
+
+    Returns:
+      The new state; `opt_state` itself is not modified. Unchanged multipliers keep their arrays.
+    """
+    if param_dict is None:
+        raise TypeError("refresh: pass the ParamDict to read, refresh(opt_state, param_dict)")
+    check_param_dict(param_dict, "refresh")
+    return refresh_state(opt_state, param_dict)
