@@ -76,8 +76,10 @@ def leaves_named(
 def check_leaves_named(
     leaves: list[Leaf], param_dict: Mapping[str, Any] | None, where: str
 ) -> None:
-    """With a ParamDict, every leaf must name one of its Parameters: a tree that does not match
-    would silently get no multiplier at all."""
+    """With a ParamDict, every leaf must name one of its Parameters.
+
+    A tree that does not match would silently get no multiplier at all.
+    """
     if param_dict is None:
         return
     missing = [leaf.name for leaf in leaves if leaf.name not in param_dict]
@@ -96,6 +98,7 @@ def check_leaves_named(
 
 
 def check_idx2name_range(idx2name: Mapping[int, str] | None, leaves: list[Leaf]) -> None:
+    """Every index of `idx2name` must name a leaf of the tree."""
     for index in idx2name or {}:
         if not 0 <= index < len(leaves):
             raise KeyError(
@@ -112,6 +115,7 @@ def _index_in(param_dict: Mapping[str, Any], name: str) -> int:
 
 
 def check_idx2name(idx2name: Any) -> dict[int, str] | None:
+    """Validate an `idx2name` argument (a mapping int -> str, or None)."""
     if idx2name is None:
         return None
     if not isinstance(idx2name, Mapping):
@@ -208,9 +212,11 @@ def check_overrides_against(
     param_dict: Mapping[str, Any] | None,
     idx2name: Mapping[int, str] | None,
 ) -> None:
-    """`check_can_act` for each key, where the ParamDict alone says which Parameter it names
-    (a name, an `idx2name` entry, or a position in the dict); run when a transformation is
-    built, before any tree is seen."""
+    """`check_can_act` for each key whose Parameter the ParamDict alone names.
+
+    A key names a Parameter by name, by an `idx2name` entry, or by its position in the dict; this
+    runs when a transformation is built, before any tree is seen.
+    """
     if param_dict is None:
         return
     names = list(param_dict)

@@ -116,10 +116,10 @@ def _checked(name: str, **hyperparameters: Any) -> None:
 
 
 def _ready(
-    param_dict: Any, *links: optax.GradientTransformation | None
+    param_dict: Any, idx2name: Any, *links: optax.GradientTransformation | None
 ) -> optax.GradientTransformation:
     tx = optax.chain(*(link for link in links if link is not None))
-    return tx if param_dict is None else trainable_only(tx, param_dict)
+    return tx if param_dict is None else trainable_only(tx, param_dict, idx2name=idx2name)
 
 
 def _low_precision(x: Any) -> bool:
@@ -127,9 +127,11 @@ def _low_precision(x: Any) -> bool:
 
 
 def _in_float32(inner: optax.GradientTransformation) -> optax.GradientTransformation:
-    """Run an adaptive scaler in float32 for float16 / bfloat16 leaves, as mixed-precision
-    training does: its moments are float32 (in float16, g**2 and eps underflow), and its
-    updates come back in each leaf's dtype. A no-op for float32 leaves."""
+    """Run an adaptive scaler in float32 for float16 / bfloat16 leaves.
+
+    As mixed-precision training does: its moments are float32 (in float16, g**2 and eps
+    underflow), and its updates come back in each leaf's dtype. A no-op for float32 leaves.
+    """
 
     def up(tree):
         return jax.tree.map(lambda x: x.astype(jnp.float32) if _low_precision(x) else x, tree)
@@ -182,6 +184,7 @@ def sgd(
     _checked("sgd", learning_rate=learning_rate, momentum=momentum, nesterov=nesterov)
     return _ready(
         param_dict,
+        idx2name,
         _decay(weight_decay, param_dict, wd_mult, idx2name),
         optax.trace(decay=momentum, nesterov=nesterov) if momentum else None,
         optax.scale_by_learning_rate(learning_rate),
@@ -232,6 +235,7 @@ def adam(
     _checked("adam", learning_rate=learning_rate, b1=b1, b2=b2, eps=eps, eps_root=eps_root)
     return _ready(
         param_dict,
+        idx2name,
         _decay(weight_decay, param_dict, wd_mult, idx2name),
         per_leaf(_in_float32(optax.scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root))),
         optax.scale_by_learning_rate(learning_rate),
@@ -256,6 +260,7 @@ def adamw(
     _checked("adamw", learning_rate=learning_rate, b1=b1, b2=b2, eps=eps, eps_root=eps_root)
     return _ready(
         param_dict,
+        idx2name,
         per_leaf(_in_float32(optax.scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root))),
         _decay(weight_decay, param_dict, wd_mult, idx2name),
         optax.scale_by_learning_rate(learning_rate),
@@ -301,6 +306,7 @@ def rmsprop(
     )
     return _ready(
         param_dict,
+        idx2name,
         _decay(weight_decay, param_dict, wd_mult, idx2name),
         per_leaf(_in_float32(scaler)) if bias_correction else _in_float32(scaler),
         optax.trace(decay=momentum, nesterov=nesterov) if momentum else None,
@@ -329,6 +335,7 @@ def adagrad(
     )
     return _ready(
         param_dict,
+        idx2name,
         _decay(weight_decay, param_dict, wd_mult, idx2name),
         _in_float32(
             optax.scale_by_rss(initial_accumulator_value=initial_accumulator_value, eps=eps)
@@ -355,6 +362,7 @@ def lamb(
     _checked("lamb", learning_rate=learning_rate, b1=b1, b2=b2, eps=eps, eps_root=eps_root)
     return _ready(
         param_dict,
+        idx2name,
         per_leaf(_in_float32(optax.scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root))),
         _decay(weight_decay, param_dict, wd_mult, idx2name),
         optax.scale_by_trust_ratio(),
@@ -378,6 +386,7 @@ def lion(
     _checked("lion", learning_rate=learning_rate, b1=b1, b2=b2)
     return _ready(
         param_dict,
+        idx2name,
         _in_float32(optax.scale_by_lion(b1=b1, b2=b2)),
         _decay(weight_decay, param_dict, wd_mult, idx2name),
         optax.scale_by_learning_rate(learning_rate),
@@ -417,6 +426,7 @@ def custom(
         check_learning_rate(learning_rate, "custom: learning_rate")
     return _ready(
         param_dict,
+        None,
         _decay(weight_decay, param_dict, None, None),
         direction,
         optax.scale_by_learning_rate(learning_rate) if learning_rate is not None else None,

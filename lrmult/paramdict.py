@@ -22,6 +22,8 @@ _NNX_METADATA = ("lr_mult", "wd_mult", "frozen", "grad_req")
 
 
 class ParamRow(NamedTuple):
+    """One row of a ParamDict's table; `-` marks an attribute not set on the Parameter."""
+
     index: int
     name: str
     shape: tuple[int, ...]
@@ -131,7 +133,7 @@ class ParamDict(Mapping[str, Parameter]):
         if not jax.tree.leaves(params):
             raise ValueError("from_linen: the tree has no array leaves")
         names, treedef, unboxed = flax_trees.boxed_leaves(params)
-        out = cls.from_pytree(unboxed, prefix=prefix)
+        out = cls(cls.from_pytree(unboxed, prefix=prefix))
         names = [prefix + n for n in names]
         if names != list(out):
             raise ValueError(

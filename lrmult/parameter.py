@@ -74,6 +74,7 @@ def check_multiplier(attr: str, value: Any, name: str | None) -> float:
 
 
 def check_frozen(value: Any, name: str | None) -> bool:
+    """Validate a frozen flag: True or False (NumPy bools too)."""
     if not isinstance(value, (bool, np.bool_)):
         raise ValueError(
             f"{_describe(name)}: frozen must be True or False, got {value!r} "
@@ -182,10 +183,12 @@ class Parameter:
 
     @property
     def shape(self) -> tuple[int, ...]:
+        """The value's shape."""
         return tuple(self._value.shape)
 
     @property
     def dtype(self) -> np.dtype:
+        """The value's dtype."""
         return self._value.dtype
 
     def data(self) -> jax.Array:
@@ -204,8 +207,11 @@ class Parameter:
         self._noted("values")
 
     def peek(self) -> jax.Array:
-        """The current value, for lrmult's own readers: unlike `data()` it is not handed out, so a
-        Trainer may still donate it when `donatable`. Never give it to user code."""
+        """The current value, for lrmult's own readers.
+
+        Unlike `data()` it is not handed out, so a Trainer may still donate it when `donatable`.
+        Never give it to user code.
+        """
         return self._value
 
     @property
@@ -227,8 +233,10 @@ class Parameter:
                 other.values.add(self._name)
 
     def first_report(self, attr: str, key: Any) -> bool:
-        """True the first time it is asked about `(attr, key)` since `attr` was last set: an
-        override `key` this Parameter's `attr` shadows is reported once per setting."""
+        """True the first time it is asked about `(attr, key)` since `attr` was last set.
+
+        An override `key` that this Parameter's `attr` shadows is reported once per setting.
+        """
         if (attr, key) in self._reported:
             return False
         self._reported.add((attr, key))
@@ -255,6 +263,7 @@ class Parameter:
     # -- metadata ----------------------------------------------------------------------------
     @property
     def lr_mult(self) -> float:
+        """Learning-rate multiplier (1.0 when unset); assign None or `del` to unset it."""
         return 1.0 if self._lr_mult is None else self._lr_mult
 
     @lr_mult.setter
@@ -267,6 +276,7 @@ class Parameter:
 
     @property
     def wd_mult(self) -> float:
+        """Weight-decay multiplier (1.0 when unset); assign None or `del` to unset it."""
         return 1.0 if self._wd_mult is None else self._wd_mult
 
     @wd_mult.setter
@@ -279,6 +289,7 @@ class Parameter:
 
     @property
     def frozen(self) -> bool:
+        """Whether the parameter is excluded from training (False when unset)."""
         return bool(self._frozen)
 
     @frozen.setter

@@ -70,7 +70,7 @@ def _compose(params: ParamDict, attr: str, factors: dict[str, float], origin: st
 
 
 def default_layer_id(name: str, num_layers: int) -> int:
-    """timm's layer id of a parameter name: embeddings 0, block `i` is `i + 1`, the rest on top.
+    """Timm's layer id of a parameter name: embeddings 0, block `i` is `i + 1`, the rest on top.
 
     Args:
       name: a parameter name (`layers/3/kernel`, `blocks_3/attn/kernel`, `embed/embedding`).

@@ -72,8 +72,10 @@ def by_path(tree: Any) -> dict[str, Any]:
 
 
 def _next_cohorts(old: tuple[int, ...], frozen: tuple[bool, ...]) -> tuple[int, ...]:
-    """Leaves that stay trainable keep their cohort; leaves that become trainable form one new
-    cohort."""
+    """Cohort labels for a new frozen set.
+
+    Leaves that stay trainable keep their cohort; leaves that become trainable form a new one.
+    """
     new_label = max(old, default=-1) + 1
     return tuple(
         -1 if fz else (c if c >= 0 else new_label) for c, fz in zip(old, frozen, strict=True)

@@ -330,9 +330,9 @@ class Trainer:
 
     # -- checkpoints ------------------------------------------------------------------------------
     def save_states(self, path: str | os.PathLike) -> None:
-        """Save the optimizer state, step count, learning rate, every Parameter's multipliers and
-        frozen flag (and whether each was set) and the override dicts, with orbax.
+        """Save the optimizer state, step count, learning rate, multipliers and overrides (orbax).
 
+        Every Parameter's multipliers and frozen flag are saved with whether each was set.
         Parameter values are saved separately, by `params.save(path)`. Each call adds a new step
         to the checkpoint directory; the two latest are kept.
         """

@@ -328,32 +328,36 @@ def _check_matches(tree: Any, spec: MaskSpec) -> None:
     )
 
 
-def mask_spec(params: Any, param_dict: Any, init: Callable, frozen=None) -> MaskSpec:
-    """The `MaskSpec` of `params` with `param_dict`'s frozen set (or the `frozen` given)."""
-    leaves = lookup.leaves_of(params, param_dict, None)
+def _mask_spec(params: Any, param_dict: Any, idx2name: Any, init: Callable) -> MaskSpec:
+    """The `MaskSpec` of `params` with `param_dict`'s frozen set."""
+    leaves = lookup.leaves_of(params, param_dict, idx2name)
     lookup.check_leaves_named(leaves, param_dict, "trainable_only")
-    if frozen is None:
-        frozen = lookup.frozen_mask(leaves, param_dict)
+    frozen = lookup.frozen_mask(leaves, param_dict)
     flat, treedef = flatten(params)
     dtypes = tuple("" if is_masked(x) else str(jnp.result_type(x)) for x in flat)
     return MaskSpec(tuple(frozen), tuple(leaves), dtypes, treedef, init)
 
 
 def trainable_only(
-    inner: optax.GradientTransformation, param_dict: Mapping[str, Any] | None
+    inner: optax.GradientTransformation,
+    param_dict: Mapping[str, Any] | None,
+    *,
+    idx2name: Mapping[int, str] | None = None,
 ) -> optax.GradientTransformation:
     """Apply `inner` to the trainable leaves only (`optax.masked`); frozen leaves hold no state.
 
     Frozen is read from `param_dict` at `init` (and at `refresh`) and kept in the state's static
     spec. Frozen leaves stand in the inner state as `optax.MaskedNode`: no moments, no step count,
     no part in global-norm clipping. Their update is a MaskedNode where the gradient was one (a
-    Trainer never computes it) and exact zeros where an array was given.
+    Trainer never computes it) and exact zeros where an array was given. `idx2name` names the
+    leaves as for the multipliers (the whole lookup chain applies).
     """
     check_param_dict(param_dict, "trainable_only")
+    idx2name = lookup.check_idx2name(idx2name)
 
     def init_fn(params):
         params = flax_trees.unbox_variables(params, is_masked)
-        spec = mask_spec(params, param_dict, inner.init)
+        spec = _mask_spec(params, param_dict, idx2name, inner.init)
         return TrainableState(optax.masked(inner, spec.mask()).init(params).inner_state, spec)
 
     def update_fn(updates, state, params=None, **extra_args):
