@@ -201,7 +201,7 @@ class NNXTrainer(Trainer):
         self._push()
 
 
-def refresh_optimizer(optimizer: Any, param_dict: ParamDict) -> None:
+def refresh_optimizer(optimizer: Any, param_dict: ParamDict | None = None) -> None:
     """`lrmult.refresh` for an `nnx.Optimizer` built on lrmult's transformations, in place.
 
     Call it after changing multipliers or the frozen set between steps. Changed multipliers
@@ -210,7 +210,7 @@ def refresh_optimizer(optimizer: Any, param_dict: ParamDict) -> None:
 
     Args:
       optimizer: an `nnx.Optimizer` whose `tx` holds lrmult's transformations.
-      param_dict: the ParamDict to read (the one the transformations were built with).
+      param_dict: the ParamDict to read; defaults to the one the transformations were built with.
     """
     nnx = _nnx()
     if not isinstance(optimizer, nnx.Optimizer):

@@ -13,6 +13,8 @@ Overrides that name nothing are `KeyError`s; overrides a set Parameter shadows a
 
 from __future__ import annotations
 
+import inspect
+import warnings
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -290,3 +292,30 @@ def multiplier_values(
     values = resolve(attr, leaves, param_dict, overrides)
     frozen = frozen_mask(leaves, param_dict)
     return [0.0 if fz else v for (v, _), fz in zip(values, frozen, strict=True)]
+
+
+def warn_shadowed(
+    attr: str,
+    overrides: Mapping[int | str, float],
+    leaves: list[Leaf],
+    param_dict: Mapping[str, Any] | None,
+) -> None:
+    """Warn, once per setting, about each override a Parameter's setting shadows since."""
+    for key, name in shadowed(attr, overrides, leaves, param_dict):
+        if param_dict[name].first_report(attr, key):
+            warnings.warn(
+                f"{attr} override {key!r} no longer acts on parameter {name!r}: its "
+                f"Parameter's {attr} was set since, and comes first in the lookup chain",
+                stacklevel=_user_stacklevel(),
+            )
+
+
+def _user_stacklevel() -> int:
+    """The stack level of the first frame outside lrmult and JAX: warnings point at user code."""
+    frame, level = inspect.currentframe().f_back, 1
+    while frame is not None:
+        module = frame.f_globals.get("__name__", "")
+        if not (module.startswith("lrmult") or module.startswith("jax")):
+            return level
+        frame, level = frame.f_back, level + 1
+    return 1

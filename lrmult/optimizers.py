@@ -116,10 +116,12 @@ def _checked(name: str, **hyperparameters: Any) -> None:
 
 
 def _ready(
-    param_dict: Any, idx2name: Any, *links: optax.GradientTransformation | None
+    param_dict: Any, idx2name: Any, track: bool, *links: optax.GradientTransformation | None
 ) -> optax.GradientTransformation:
     tx = optax.chain(*(link for link in links if link is not None))
-    return tx if param_dict is None else trainable_only(tx, param_dict, idx2name=idx2name)
+    if param_dict is None:
+        return tx
+    return trainable_only(tx, param_dict, idx2name=idx2name, track=track)
 
 
 def _low_precision(x: Any) -> bool:
@@ -146,13 +148,15 @@ def _in_float32(inner: optax.GradientTransformation) -> optax.GradientTransforma
     return optax.GradientTransformation(init_fn, update_fn)
 
 
-def _decay(weight_decay, param_dict, wd_mult, idx2name):
+def _decay(weight_decay, param_dict, wd_mult, idx2name, track=True):
     """The weight-decay link, left out when the rate is a literal 0 (it would read every param)."""
     check_weight_decay(weight_decay, "weight_decay")
     if isinstance(weight_decay, (int, float)) and not isinstance(weight_decay, bool):
         if weight_decay == 0 and not wd_mult:
             return None
-    return add_decayed_weights(weight_decay, param_dict, wd_mult=wd_mult, idx2name=idx2name)
+    return add_decayed_weights(
+        weight_decay, param_dict, wd_mult=wd_mult, idx2name=idx2name, track=track
+    )
 
 
 def sgd(
@@ -165,6 +169,7 @@ def sgd(
     lr_mult: Overrides = None,
     wd_mult: Overrides = None,
     idx2name: Mapping[int, str] | None = None,
+    track: bool = True,
 ) -> optax.GradientTransformation:
     """SGD with momentum and coupled weight decay, per leaf: `u = trace(g + λ·d·w)`, `w -= η·m·u`.
 
@@ -180,15 +185,18 @@ def sgd(
       lr_mult: override dict (parameter index or name -> multiplier), links 2-3 of the chain.
       wd_mult: override dict for weight decay.
       idx2name: index -> name, when the tree's path names are not the parameter names.
+      track: keep the state in step with `param_dict` by itself: a changed multiplier applies
+        at the next update, a changed frozen set makes it raise naming `lrmult.refresh`.
     """
     _checked("sgd", learning_rate=learning_rate, momentum=momentum, nesterov=nesterov)
     return _ready(
         param_dict,
         idx2name,
-        _decay(weight_decay, param_dict, wd_mult, idx2name),
+        track,
+        _decay(weight_decay, param_dict, wd_mult, idx2name, track),
         optax.trace(decay=momentum, nesterov=nesterov) if momentum else None,
         optax.scale_by_learning_rate(learning_rate),
-        scale_by_lr_mult(param_dict, lr_mult=lr_mult, idx2name=idx2name),
+        scale_by_lr_mult(param_dict, lr_mult=lr_mult, idx2name=idx2name, track=track),
     )
 
 
@@ -201,6 +209,7 @@ def nag(
     lr_mult: Overrides = None,
     wd_mult: Overrides = None,
     idx2name: Mapping[int, str] | None = None,
+    track: bool = True,
 ) -> optax.GradientTransformation:
     """Nesterov accelerated SGD (MXNet's `nag`): `sgd(..., nesterov=True)`."""
     return sgd(
@@ -212,6 +221,7 @@ def nag(
         lr_mult=lr_mult,
         wd_mult=wd_mult,
         idx2name=idx2name,
+        track=track,
     )
 
 
@@ -227,6 +237,7 @@ def adam(
     lr_mult: Overrides = None,
     wd_mult: Overrides = None,
     idx2name: Mapping[int, str] | None = None,
+    track: bool = True,
 ) -> optax.GradientTransformation:
     """Adam with coupled L2 (PyTorch's `Adam`): `g' = g + λ·d·w`, `w -= η·m·adam(g')`.
 
@@ -236,10 +247,11 @@ def adam(
     return _ready(
         param_dict,
         idx2name,
-        _decay(weight_decay, param_dict, wd_mult, idx2name),
+        track,
+        _decay(weight_decay, param_dict, wd_mult, idx2name, track),
         per_leaf(_in_float32(optax.scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root))),
         optax.scale_by_learning_rate(learning_rate),
-        scale_by_lr_mult(param_dict, lr_mult=lr_mult, idx2name=idx2name),
+        scale_by_lr_mult(param_dict, lr_mult=lr_mult, idx2name=idx2name, track=track),
     )
 
 
@@ -255,16 +267,18 @@ def adamw(
     lr_mult: Overrides = None,
     wd_mult: Overrides = None,
     idx2name: Mapping[int, str] | None = None,
+    track: bool = True,
 ) -> optax.GradientTransformation:
     """AdamW, decoupled (PyTorch's `AdamW`, `optax.adamw`): `w -= η·m·(adam(g) + λ·d·w)`."""
     _checked("adamw", learning_rate=learning_rate, b1=b1, b2=b2, eps=eps, eps_root=eps_root)
     return _ready(
         param_dict,
         idx2name,
+        track,
         per_leaf(_in_float32(optax.scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root))),
-        _decay(weight_decay, param_dict, wd_mult, idx2name),
+        _decay(weight_decay, param_dict, wd_mult, idx2name, track),
         optax.scale_by_learning_rate(learning_rate),
-        scale_by_lr_mult(param_dict, lr_mult=lr_mult, idx2name=idx2name),
+        scale_by_lr_mult(param_dict, lr_mult=lr_mult, idx2name=idx2name, track=track),
     )
 
 
@@ -284,6 +298,7 @@ def rmsprop(
     lr_mult: Overrides = None,
     wd_mult: Overrides = None,
     idx2name: Mapping[int, str] | None = None,
+    track: bool = True,
 ) -> optax.GradientTransformation:
     """RMSProp (optax's arguments) with coupled weight decay: `w -= η·m·trace(rms(g + λ·d·w))`."""
     _checked(
@@ -307,11 +322,12 @@ def rmsprop(
     return _ready(
         param_dict,
         idx2name,
-        _decay(weight_decay, param_dict, wd_mult, idx2name),
+        track,
+        _decay(weight_decay, param_dict, wd_mult, idx2name, track),
         per_leaf(_in_float32(scaler)) if bias_correction else _in_float32(scaler),
         optax.trace(decay=momentum, nesterov=nesterov) if momentum else None,
         optax.scale_by_learning_rate(learning_rate),
-        scale_by_lr_mult(param_dict, lr_mult=lr_mult, idx2name=idx2name),
+        scale_by_lr_mult(param_dict, lr_mult=lr_mult, idx2name=idx2name, track=track),
     )
 
 
@@ -325,6 +341,7 @@ def adagrad(
     lr_mult: Overrides = None,
     wd_mult: Overrides = None,
     idx2name: Mapping[int, str] | None = None,
+    track: bool = True,
 ) -> optax.GradientTransformation:
     """Adagrad (optax's) with coupled weight decay: `w -= η·m·rss(g + λ·d·w)`."""
     _checked(
@@ -336,12 +353,13 @@ def adagrad(
     return _ready(
         param_dict,
         idx2name,
-        _decay(weight_decay, param_dict, wd_mult, idx2name),
+        track,
+        _decay(weight_decay, param_dict, wd_mult, idx2name, track),
         _in_float32(
             optax.scale_by_rss(initial_accumulator_value=initial_accumulator_value, eps=eps)
         ),
         optax.scale_by_learning_rate(learning_rate),
-        scale_by_lr_mult(param_dict, lr_mult=lr_mult, idx2name=idx2name),
+        scale_by_lr_mult(param_dict, lr_mult=lr_mult, idx2name=idx2name, track=track),
     )
 
 
@@ -357,17 +375,19 @@ def lamb(
     lr_mult: Overrides = None,
     wd_mult: Overrides = None,
     idx2name: Mapping[int, str] | None = None,
+    track: bool = True,
 ) -> optax.GradientTransformation:
     """LAMB (optax's): `w -= η·m·trust_ratio(adam(g) + λ·d·w)`."""
     _checked("lamb", learning_rate=learning_rate, b1=b1, b2=b2, eps=eps, eps_root=eps_root)
     return _ready(
         param_dict,
         idx2name,
+        track,
         per_leaf(_in_float32(optax.scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root))),
-        _decay(weight_decay, param_dict, wd_mult, idx2name),
+        _decay(weight_decay, param_dict, wd_mult, idx2name, track),
         optax.scale_by_trust_ratio(),
         optax.scale_by_learning_rate(learning_rate),
-        scale_by_lr_mult(param_dict, lr_mult=lr_mult, idx2name=idx2name),
+        scale_by_lr_mult(param_dict, lr_mult=lr_mult, idx2name=idx2name, track=track),
     )
 
 
@@ -381,16 +401,18 @@ def lion(
     lr_mult: Overrides = None,
     wd_mult: Overrides = None,
     idx2name: Mapping[int, str] | None = None,
+    track: bool = True,
 ) -> optax.GradientTransformation:
     """Lion (optax's), decoupled decay: `w -= η·m·(sign(...) + λ·d·w)`."""
     _checked("lion", learning_rate=learning_rate, b1=b1, b2=b2)
     return _ready(
         param_dict,
         idx2name,
+        track,
         _in_float32(optax.scale_by_lion(b1=b1, b2=b2)),
-        _decay(weight_decay, param_dict, wd_mult, idx2name),
+        _decay(weight_decay, param_dict, wd_mult, idx2name, track),
         optax.scale_by_learning_rate(learning_rate),
-        scale_by_lr_mult(param_dict, lr_mult=lr_mult, idx2name=idx2name),
+        scale_by_lr_mult(param_dict, lr_mult=lr_mult, idx2name=idx2name, track=track),
     )
 
 
@@ -412,6 +434,7 @@ def custom(
     weight_decay: float = 0.0,
     *,
     param_dict: Any = None,
+    track: bool = True,
 ) -> optax.GradientTransformation:
     """Any optax transformation as a ready chain: coupled decay, `direction`, the rate, lr_mult.
 
@@ -421,14 +444,16 @@ def custom(
       learning_rate: applied after `direction` when given (else `direction` owns the rate).
       weight_decay: coupled L2 added to the gradient before `direction`.
       param_dict: a ParamDict: its Parameters' multipliers and frozen flags act.
+      track: keep the state in step with `param_dict` by itself (see `sgd`).
     """
     if learning_rate is not None:
         check_learning_rate(learning_rate, "custom: learning_rate")
     return _ready(
         param_dict,
         None,
-        _decay(weight_decay, param_dict, None, None),
+        track,
+        _decay(weight_decay, param_dict, None, None, track),
         direction,
         optax.scale_by_learning_rate(learning_rate) if learning_rate is not None else None,
-        scale_by_lr_mult(param_dict),
+        scale_by_lr_mult(param_dict, track=track),
     )

@@ -16,7 +16,7 @@ import numpy as np
 from lrmult import lookup
 from lrmult.display import Table
 from lrmult.lookup import Leaf, is_masked
-from lrmult.resync import find, host_value
+from lrmult.resync import bound_param_dict, find, host_value
 from lrmult.transforms import MultState, flatten
 
 
@@ -77,8 +77,8 @@ def explain(
 
     Args:
       opt_state: a state holding lrmult's multipliers (from `scale_by_lr_mult` or a ready chain).
-      param_dict: the ParamDict to read; without one, the rows show what the state applies and
-        the override dicts it was built with (a Parameter's own setting reads as `state`).
+      param_dict: the ParamDict to read; defaults to the one the state is bound to. Without
+        either, the rows show what the state applies and the override dicts it was built with.
       learning_rate: the base rate for the `lr` column; read from an `inject_hyperparams` state
         when not given, else shown as nan.
 
@@ -91,6 +91,8 @@ def explain(
     lr_node = by_attr["lr_mult"]
     wd_node = by_attr.get("wd_mult")
     base = _state_lr(opt_state) if learning_rate is None else float(learning_rate)
+    if param_dict is None:
+        param_dict = bound_param_dict(opt_state)
     row_list = rows(
         lr_node.spec.leaves_for(param_dict),
         param_dict,
@@ -132,7 +134,7 @@ def _applied(node: MultState | None, param_dict: Any, n: int) -> list[Any]:
     if node is None:
         return [None] * n
     values = dict.fromkeys(range(n))
-    flat = flatten(node.values)[0]
+    flat = flatten(node.live_values())[0]
     for leaf, x in zip(node.spec.leaves_for(param_dict), flat, strict=True):
         values[leaf.index] = None if is_masked(x) else host_value(x)
     return [values[i] for i in sorted(values)]

@@ -8,8 +8,6 @@ cohort of their own (their own step count), newly frozen leaves drop theirs.
 
 from __future__ import annotations
 
-import inspect
-import warnings
 from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
@@ -26,9 +24,7 @@ from lrmult.transforms import (
     MultState,
     TrainableState,
     check_param_dict,
-    flatten,
     members,
-    place_like,
 )
 
 
@@ -38,7 +34,8 @@ def _is_node(x: Any) -> bool:
 
 def find(opt_state: Any, kind: type) -> list[tuple[Any, Any]]:
     """`(key path, node)` of every `kind` node (`MultState`, ...) in a state, outermost first."""
-    return optax.tree_utils.tree_get_all_with_path(opt_state, kind.__name__)
+    flat = jax.tree_util.tree_flatten_with_path(opt_state, is_leaf=lambda x: isinstance(x, kind))
+    return [(path, x) for path, x in flat[0] if isinstance(x, kind)]
 
 
 def host_value(x: jax.Array) -> Any:
@@ -124,51 +121,6 @@ def _restructure(state: TrainableState, param_dict: Any) -> TrainableState:
     return TrainableState(carry_over(by_path(state.inner), fresh), replace(spec, frozen=frozen))
 
 
-def _refresh_mult(
-    state: MultState,
-    param_dict: Any,
-    overrides: Mapping | None,
-) -> MultState:
-    spec = state.spec
-    leaves = spec.leaves_for(param_dict)
-    lookup.check_leaves_named(leaves, param_dict, "refresh")
-    overrides = dict(spec.overrides) if overrides is None else overrides
-    for key, name in lookup.shadowed(spec.attr, overrides, leaves, param_dict):
-        if param_dict[name].first_report(spec.attr, key):
-            warnings.warn(
-                f"{spec.attr} override {key!r} no longer acts on parameter {name!r}: its "
-                f"Parameter's {spec.attr} was set since, and comes first in the lookup chain",
-                stacklevel=_user_stacklevel(),
-            )
-    flat, treedef = flatten(state.values)
-    arrays = [x for x in flat if not is_masked(x)]
-    old = iter(jax.device_get([x.addressable_data(0) for x in arrays]))  # one transfer
-    changed = False
-    out = []
-    for x, v in zip(
-        flat, lookup.multiplier_values(spec.attr, leaves, param_dict, overrides), strict=True
-    ):
-        if is_masked(x):
-            out.append(x)
-        elif np.float32(next(old)) == np.float32(v):
-            out.append(x)
-        else:
-            out.append(place_like(v, x))
-            changed = True
-    return MultState(treedef.unflatten(out), spec) if changed else state
-
-
-def _user_stacklevel() -> int:
-    """The stack level of the first frame outside lrmult and JAX: warnings point at user code."""
-    frame, level = inspect.currentframe().f_back, 1
-    while frame is not None:
-        module = frame.f_globals.get("__name__", "")
-        if not (module.startswith("lrmult") or module.startswith("jax")):
-            return level
-        frame, level = frame.f_back, level + 1
-    return 1
-
-
 def refresh_state(
     opt_state: Any,
     param_dict: Any,
@@ -190,13 +142,22 @@ def refresh_state(
             return TrainableState(jax.tree.map(visit, node.inner, is_leaf=_is_node), node.spec)
         if isinstance(node, MultState):
             ovr = None if overrides is None else overrides.get(node.spec.attr, {})
-            return _refresh_mult(node, param_dict, ovr)
+            return node.refreshed(param_dict, ovr)
         return node
 
     return jax.tree.map(visit, opt_state, is_leaf=_is_node)
 
 
-def refresh(opt_state: Any, param_dict: Mapping[str, Any]) -> Any:
+def bound_param_dict(opt_state: Any) -> Mapping[str, Any] | None:
+    """The ParamDict the state's nodes are bound to (the first one found), or None."""
+    for kind in (TrainableState, MultState):
+        for _, node in find(opt_state, kind):
+            if node.spec.binding is not None and node.spec.binding.param_dict is not None:
+                return node.spec.binding.param_dict
+    return None
+
+
+def refresh(opt_state: Any, param_dict: Mapping[str, Any] | None = None) -> Any:
     """The same optimizer state with `param_dict`'s current multipliers and frozen set.
 
     Call it between steps after `setattr`: the new state has the same structure (so a jitted
@@ -207,13 +168,18 @@ def refresh(opt_state: Any, param_dict: Mapping[str, Any]) -> Any:
     Args:
       opt_state: a state made by lrmult's transformations (anywhere inside an optax chain,
         `inject_hyperparams`, ...).
-      param_dict: the ParamDict to read (the one the transformations were built with, or one
-        holding Parameters of the same names).
+      param_dict: the ParamDict to read; defaults to the one the transformations were built
+        with (a state built from a ParamDict stays bound to it).
 
     Returns:
       The new state; `opt_state` itself is not modified. Unchanged multipliers keep their arrays.
     """
     if param_dict is None:
-        raise TypeError("refresh: pass the ParamDict to read, refresh(opt_state, param_dict)")
+        param_dict = bound_param_dict(opt_state)
+    if param_dict is None:
+        raise TypeError(
+            "refresh: the state is bound to no ParamDict (built without param_dict, or with "
+            "track=False); pass the one to read: refresh(opt_state, param_dict)"
+        )
     check_param_dict(param_dict, "refresh")
     return refresh_state(opt_state, param_dict)

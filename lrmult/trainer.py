@@ -60,7 +60,7 @@ _DEFAULT_LR = {
     "lamb": 0.001,
     "lion": 1e-4,
 }
-_MULT_ARGS = ("param_dict", "lr_mult", "wd_mult", "idx2name")
+_MULT_ARGS = ("param_dict", "lr_mult", "wd_mult", "idx2name", "track")
 
 
 def _as_param_dict(params: Any) -> ParamDict:
@@ -219,7 +219,7 @@ class Trainer:
             )
 
             def direction(learning_rate):
-                return factory(learning_rate, **kwargs, param_dict=pd)
+                return factory(learning_rate, **kwargs, param_dict=pd, track=False)
 
             return direction
         if isinstance(optimizer, optax.GradientTransformation):
@@ -238,7 +238,7 @@ class Trainer:
             wd = check_hyperparameter("weight_decay", opts.get("wd", 0.0), "Trainer: wd")
 
             def direction(learning_rate):
-                return custom(optimizer, learning_rate, wd, param_dict=pd)
+                return custom(optimizer, learning_rate, wd, param_dict=pd, track=False)
 
             return direction
         raise TypeError(

@@ -5,11 +5,13 @@
 - `per_leaf`: runs a transformation per cohort of leaves, so each leaf has its own step count.
 - `trainable_only`: frozen leaves hold no state and take no part in the inner chain.
 
-Their states are NamedTuples (`MultState`, `CohortState`, `TrainableState`, found by name with
-`optax.tree_utils.tree_get_all_with_path`) whose `spec` field is static data: small, immutable
-and compared by value (names, shapes, flags; the inner transformation's `init` function, which
-`lrmult.refresh` needs to give newly trainable leaves fresh state). What runs between steps —
-bringing a state up to date with a ParamDict — is `lrmult.refresh` (`refresh.py`).
+Each state node (`MultState`, `CohortState`, `TrainableState`) has a `spec` of static data:
+small, immutable and compared by value (names, shapes, flags; the inner transformation's `init`
+function, which `lrmult.refresh` needs to give newly trainable leaves fresh state), plus, for a
+state built from a ParamDict, its `Binding` (`binding.py`): whenever JAX flattens the state, a
+multiplier node hands out the ParamDict's current multipliers, and a frozen-set change makes the
+next update raise, naming the call to make. Between steps, `lrmult.refresh` (`resync.py`) rebuilds
+a state for a new frozen set.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import numpy as np
 import optax
 
 from lrmult import flax_trees, lookup
+from lrmult.binding import Binding, binder
 from lrmult.lookup import Leaf, is_masked
 
 
@@ -58,7 +61,11 @@ def place_like(value: Any, like: Any, dtype: Any = np.float32) -> jax.Array:
 # -- multipliers -----------------------------------------------------------------------------------
 
 
-@jax.tree_util.register_static
+def _concrete(tree: Any) -> bool:
+    """Whether `tree`'s arrays are values (not tracers of a jit/vmap being traced)."""
+    return not any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(tree))
+
+
 @dataclasses.dataclass(frozen=True)
 class MultSpec:
     """Static data of a `MultState`: which multiplier, for which leaves, with which overrides.
@@ -68,12 +75,14 @@ class MultSpec:
       leaves: the leaves of the tree given to `init` (index, name, shape, path name).
       overrides: the transformation's override dict, as sorted `(key, value)` pairs.
       idx2name: the transformation's `idx2name`, as sorted pairs, or None.
+      binding: the live link to the ParamDict the state tracks, or None.
     """
 
     attr: str
     leaves: tuple[Leaf, ...]
     overrides: tuple[tuple[int | str, float], ...]
     idx2name: tuple[tuple[int, str], ...] | None
+    binding: Binding | None = None
 
     def leaves_for(self, param_dict: Mapping[str, Any] | None) -> list[Leaf]:
         """The leaves as `param_dict` indexes them (a ParamDict's order is the one users count)."""
@@ -85,26 +94,81 @@ class MultSpec:
         )
 
 
-class MultState(NamedTuple):
+class MultState:
     """Per-leaf multipliers: `values` is shaped like the params, one float32 scalar per leaf.
 
     (Not one packed vector: XLA:CPU compiles N static slices of one buffer several times slower.)
+    With a binding, `live_values()` (what JAX sees when it flattens the node) are the ParamDict's
+    current multipliers; `values` are those the node was made with.
     """
 
-    values: Any
-    spec: MultSpec
+    __slots__ = ("values", "spec", "version")
+
+    def __init__(self, values: Any, spec: MultSpec) -> None:
+        self.values = values
+        self.spec = spec
+        self.version = spec.binding.version if spec.binding is not None else 0
+
+    def refreshed(
+        self, param_dict: Mapping[str, Any], overrides: Mapping | None = None
+    ) -> MultState:
+        """This node with `param_dict`'s multipliers (unchanged ones keep their arrays).
+
+        Args:
+          param_dict: the ParamDict to read.
+          overrides: override dict replacing the transformation's own (the Trainer's).
+        """
+        spec = self.spec
+        leaves = spec.leaves_for(param_dict)
+        lookup.check_leaves_named(leaves, param_dict, "refresh")
+        overrides = dict(spec.overrides) if overrides is None else overrides
+        lookup.warn_shadowed(spec.attr, overrides, leaves, param_dict)
+        flat, treedef = flatten(self.values)
+        arrays = [x for x in flat if not is_masked(x)]
+        old = iter(jax.device_get([x.addressable_data(0) for x in arrays]))  # one transfer
+        values = lookup.multiplier_values(spec.attr, leaves, param_dict, overrides)
+        out, changed = [], False
+        for x, v in zip(flat, values, strict=True):
+            if not is_masked(x) and np.float32(next(old)) != np.float32(v):
+                x, changed = place_like(v, x), True
+            out.append(x)
+        return MultState(treedef.unflatten(out), spec) if changed else self
+
+    def live_values(self) -> Any:
+        """The multipliers to apply now: the ParamDict's current ones when bound."""
+        binding = self.spec.binding
+        if binding is None or (self.version == binding.version and not binding.changed()):
+            return self.values
+        if not _concrete(self.values):
+            return self.values  # inside a trace: the values JAX passed in are current
+        key = jax.tree.structure(self.values)  # MaskedNode as a node: frozen sets differ
+        return binding.current(lambda pd: self.refreshed(pd).values, self.values, key)
+
+    def __repr__(self) -> str:
+        return f"MultState({self.spec.attr}, {self.values!r})"
+
+
+jax.tree_util.register_pytree_with_keys(
+    MultState,
+    lambda s: (((jax.tree_util.GetAttrKey("values"), s.live_values()),), s.spec),
+    lambda spec, children: MultState(children[0], spec),
+    flatten_func=lambda s: ((s.live_values(),), s.spec),
+)
 
 
 def _sorted_items(mapping: Mapping | None) -> tuple:
     return tuple(sorted((mapping or {}).items(), key=repr))
 
 
-def _multiplier_init(attr: str, param_dict: Any, overrides: Any, idx2name: Any, where: str):
+def _multiplier_init(
+    attr: str, param_dict: Any, overrides: Any, idx2name: Any, where: str, track: bool
+):
     """Shared `init` of `scale_by_lr_mult` and `add_decayed_weights`, validated when built."""
     check_param_dict(param_dict, where)
     overrides = lookup.normalize_overrides(attr, overrides)
     idx2name = lookup.check_idx2name(idx2name)
     lookup.check_overrides_against(attr, overrides, param_dict, idx2name)
+    bind = binder(param_dict, track)
 
     def init(params: Any) -> MultState:
         params = flax_trees.unbox_variables(params, is_masked)
@@ -117,6 +181,7 @@ def _multiplier_init(attr: str, param_dict: Any, overrides: Any, idx2name: Any, 
             tuple(leaves),
             _sorted_items(overrides),
             None if idx2name is None else _sorted_items(idx2name),
+            bind(tuple(leaves)),
         )
         flat, treedef = flatten(params)
         values = lookup.multiplier_values(attr, leaves, param_dict, overrides)
@@ -133,6 +198,7 @@ def scale_by_lr_mult(
     *,
     lr_mult: Mapping[int | str, float] | None = None,
     idx2name: Mapping[int, str] | None = None,
+    track: bool = True,
 ) -> optax.GradientTransformation:
     """Multiply each leaf's update by its `lr_mult`.
 
@@ -144,15 +210,18 @@ def scale_by_lr_mult(
       param_dict: a ParamDict whose Parameters' `lr_mult` come first in the lookup chain.
       lr_mult: override dict, parameter index or name -> multiplier (links 2 and 3 of the chain).
       idx2name: index -> name, for trees whose path names are not the parameter names.
+      track: keep the state in step with `param_dict`: a changed multiplier applies at the next
+        update, in any jitted step, without `lrmult.refresh` (the Trainer tracks changes itself).
 
     Returns:
       An `optax.GradientTransformation` whose state holds one float32 scalar per leaf.
     """
-    init = _multiplier_init("lr_mult", param_dict, lr_mult, idx2name, "scale_by_lr_mult")
+    init = _multiplier_init("lr_mult", param_dict, lr_mult, idx2name, "scale_by_lr_mult", track)
 
     def update_fn(updates, state, params=None):
         del params
-        return jax.tree.map(lambda m, u: (u * m).astype(u.dtype), state.values, updates), state
+        mults = state.live_values()
+        return jax.tree.map(lambda m, u: (u * m).astype(u.dtype), mults, updates), state
 
     return optax.GradientTransformation(init, update_fn)
 
@@ -177,6 +246,7 @@ def add_decayed_weights(
     *,
     wd_mult: Mapping[int | str, float] | None = None,
     idx2name: Mapping[int, str] | None = None,
+    track: bool = True,
 ) -> optax.GradientTransformation:
     """Add `weight_decay * wd_mult * param` to each leaf's update (optax's, per leaf).
 
@@ -185,19 +255,20 @@ def add_decayed_weights(
       param_dict: a ParamDict whose Parameters' `wd_mult` come first in the lookup chain.
       wd_mult: override dict, parameter index or name -> multiplier.
       idx2name: index -> name, for trees whose path names are not the parameter names.
+      track: keep the state in step with `param_dict` (see `scale_by_lr_mult`).
 
     Returns:
       An `optax.GradientTransformation`; frozen leaves get no decay.
     """
     check_weight_decay(weight_decay, "add_decayed_weights")
-    init = _multiplier_init("wd_mult", param_dict, wd_mult, idx2name, "add_decayed_weights")
+    init = _multiplier_init("wd_mult", param_dict, wd_mult, idx2name, "add_decayed_weights", track)
 
     def update_fn(updates, state, params=None):
         if params is None:
             raise ValueError("add_decayed_weights needs params: call update(grads, state, params)")
         out = jax.tree.map(
             lambda d, u, p: (u + (weight_decay * d) * p).astype(u.dtype),
-            state.values,
+            state.live_values(),
             updates,
             params,
         )
@@ -293,6 +364,7 @@ class MaskSpec:
       dtypes: each leaf's dtype name ('' where `init` saw a MaskedNode).
       treedef: the params' structure (MaskedNode kept as a leaf).
       init: the inner chain's `init`.
+      binding: the live link to the ParamDict the state tracks, or None.
     """
 
     frozen: tuple[bool, ...]
@@ -300,17 +372,72 @@ class MaskSpec:
     dtypes: tuple[str, ...]
     treedef: Any
     init: Callable[[Any], Any]
+    binding: Binding | None = None
+
+    def frozen_now(self) -> tuple[bool, ...]:
+        """The frozen set the ParamDict says now (the one the state was built for if unbound)."""
+        if self.binding is None:
+            return self.frozen
+        return self.binding.current(
+            lambda pd: lookup.frozen_mask(list(self.leaves), pd), self.frozen
+        )
+
+    def check_fresh(self) -> None:
+        """Raise, naming the first changed parameter, if the frozen set changed since.
+
+        A frozen-set change changes the state's structure, which a jitted step cannot do by
+        itself; the fix is one call between steps.
+        """
+        now = self.frozen_now()
+        if now == self.frozen:
+            return
+        leaf, was = next(
+            (lf, f) for lf, f, n in zip(self.leaves, self.frozen, now, strict=True) if f != n
+        )
+        raise ValueError(
+            f"parameter {leaf.name!r} was {'frozen' if was else 'trainable'} when this optimizer "
+            f"state was built and is {'trainable' if was else 'frozen'} now: the state's "
+            f"structure must change, so nothing was updated. Call "
+            f"opt_state = lrmult.refresh(opt_state, param_dict) (nnx.Optimizer: "
+            f"lrmult.refresh_optimizer(optimizer, param_dict)) before the next update"
+        )
 
     def mask(self) -> Any:
         """The trainable mask as a tree (optax.masked's `mask`)."""
         return self.treedef.unflatten([not fz for fz in self.frozen])
 
 
-class TrainableState(NamedTuple):
+class TrainableState:
     """The state of the inner chain, over the trainable leaves only (frozen: MaskedNode)."""
 
-    inner: Any
-    spec: MaskSpec
+    __slots__ = ("inner", "spec")
+
+    def __init__(self, inner: Any, spec: MaskSpec) -> None:
+        self.inner = inner
+        self.spec = spec
+
+    def __repr__(self) -> str:
+        return f"TrainableState(frozen={sum(self.spec.frozen)}, inner={self.inner!r})"
+
+
+def _flatten_trainable(s: TrainableState, with_keys: bool) -> tuple:
+    """Children and aux of a TrainableState.
+
+    A frozen set changed since makes the aux differ, so a jitted step retraces and its update
+    raises (`MaskSpec.check_fresh`).
+    """
+    now = s.spec.frozen_now()
+    aux = s.spec if now == s.spec.frozen else (s.spec, now)
+    child = (jax.tree_util.GetAttrKey("inner"), s.inner) if with_keys else s.inner
+    return (child,), aux
+
+
+jax.tree_util.register_pytree_with_keys(
+    TrainableState,
+    lambda s: _flatten_trainable(s, True),
+    lambda aux, children: TrainableState(children[0], aux if isinstance(aux, MaskSpec) else aux[0]),
+    flatten_func=lambda s: _flatten_trainable(s, False),
+)
 
 
 def _check_matches(tree: Any, spec: MaskSpec) -> None:
@@ -328,14 +455,14 @@ def _check_matches(tree: Any, spec: MaskSpec) -> None:
     )
 
 
-def _mask_spec(params: Any, param_dict: Any, idx2name: Any, init: Callable) -> MaskSpec:
+def _mask_spec(params: Any, param_dict: Any, idx2name: Any, init: Callable, bind) -> MaskSpec:
     """The `MaskSpec` of `params` with `param_dict`'s frozen set."""
     leaves = lookup.leaves_of(params, param_dict, idx2name)
     lookup.check_leaves_named(leaves, param_dict, "trainable_only")
     frozen = lookup.frozen_mask(leaves, param_dict)
     flat, treedef = flatten(params)
     dtypes = tuple("" if is_masked(x) else str(jnp.result_type(x)) for x in flat)
-    return MaskSpec(tuple(frozen), tuple(leaves), dtypes, treedef, init)
+    return MaskSpec(tuple(frozen), tuple(leaves), dtypes, treedef, init, bind(tuple(leaves)))
 
 
 def trainable_only(
@@ -343,6 +470,7 @@ def trainable_only(
     param_dict: Mapping[str, Any] | None,
     *,
     idx2name: Mapping[int, str] | None = None,
+    track: bool = True,
 ) -> optax.GradientTransformation:
     """Apply `inner` to the trainable leaves only (`optax.masked`); frozen leaves hold no state.
 
@@ -350,18 +478,22 @@ def trainable_only(
     spec. Frozen leaves stand in the inner state as `optax.MaskedNode`: no moments, no step count,
     no part in global-norm clipping. Their update is a MaskedNode where the gradient was one (a
     Trainer never computes it) and exact zeros where an array was given. `idx2name` names the
-    leaves as for the multipliers (the whole lookup chain applies).
+    leaves as for the multipliers (the whole lookup chain applies). With `track`, an update
+    after the frozen set changed raises before updating, naming the parameter and the call that
+    rebuilds the state (`lrmult.refresh`).
     """
     check_param_dict(param_dict, "trainable_only")
     idx2name = lookup.check_idx2name(idx2name)
+    bind = binder(param_dict, track)
 
     def init_fn(params):
         params = flax_trees.unbox_variables(params, is_masked)
-        spec = _mask_spec(params, param_dict, idx2name, inner.init)
+        spec = _mask_spec(params, param_dict, idx2name, inner.init, bind)
         return TrainableState(optax.masked(inner, spec.mask()).init(params).inner_state, spec)
 
     def update_fn(updates, state, params=None, **extra_args):
         spec = state.spec
+        spec.check_fresh()
         _check_matches(updates, spec)
         masked = optax.masked(inner, spec.mask())
         out, new = masked.update(updates, optax.MaskedState(state.inner), params, **extra_args)

@@ -50,8 +50,8 @@ def test_the_import_graph_has_no_cycle():
 
 
 def test_imports_run_top_down():
-    """parameter -> paramdict -> lookup -> transforms -> resync -> report -> optimizers -> trainer
-    -> flax_interop; checkpoint, display, flax_trees and _names at the bottom."""
+    """parameter -> paramdict -> lookup -> binding -> transforms -> resync -> report ->
+    optimizers -> trainer -> flax_interop; checkpoint, display, flax_trees, _names at the bottom."""
     order = [
         "_names",
         "display",
@@ -60,6 +60,7 @@ def test_imports_run_top_down():
         "parameter",
         "paramdict",
         "lookup",
+        "binding",
         "transforms",
         "resync",
         "report",

@@ -152,3 +152,103 @@ def test_chains_accept_hyperparameters_injected_as_arrays():
     u, _ = jax.jit(tx.update)({"a": jnp.ones(2)}, state, params)
     # first Adam step: m_hat / sqrt(v_hat) = 1
     np.testing.assert_allclose(u["a"], -0.1, rtol=1e-5)
+
+
+# -- never silently stale: TrainState and nnx.Optimizer, no refresh for multipliers --------------
+
+
+def _train_state(pd, params, tx):
+    from flax.training import train_state
+
+    return train_state.TrainState.create(apply_fn=None, params=params, tx=tx)
+
+
+@jax.jit
+def _ts_step(state):
+    return state.apply_gradients(grads=jax.tree.map(jnp.ones_like, state.params))
+
+
+def test_train_state_applies_a_changed_lr_mult_without_refresh_or_recompile(compiles):
+    params = {"a": {"kernel": jnp.ones(2)}, "l1": {"kernel": jnp.ones(3)}}
+    pd = ParamDict.from_pytree(params)
+    state = _train_state(pd, params, lrmult.sgd(0.1, momentum=0.9, param_dict=pd))
+    state = _ts_step(state)  # both: 1 - 0.1 * 1 = 0.9; momentum trace now 1
+    count = compiles()
+    pd["a/kernel"].lr_mult = 0.0
+    pd["l1/kernel"].lr_mult = 2.0
+    state = _ts_step(state)  # trace 1.9: a stays, l1 -= 0.1 * 2 * 1.9
+    assert count() == 0
+    np.testing.assert_allclose(state.params["a"]["kernel"], 0.9, rtol=1e-6)
+    np.testing.assert_allclose(state.params["l1"]["kernel"], 0.9 - 0.38, rtol=1e-6)
+    # lr_mult 0 is not frozen: a's momentum still advanced (trace 1.9 -> 2.71)
+    del pd["a/kernel"].lr_mult
+    state = _ts_step(state)
+    np.testing.assert_allclose(state.params["a"]["kernel"], 0.9 - 0.271, rtol=1e-5)
+    assert count() == 0
+
+
+def test_train_state_refuses_a_changed_frozen_set_until_refreshed():
+    params = {"a": {"kernel": jnp.ones(2)}, "l1": {"kernel": jnp.ones(3)}}
+    pd = ParamDict.from_pytree(params)
+    state = _ts_step(_train_state(pd, params, lrmult.adam(0.1, param_dict=pd)))
+    before = jax.tree.map(np.asarray, state.params)
+    pd.select("l1/").setattr("frozen", True)
+    with pytest.raises(ValueError, match=r"'l1/kernel'.*lrmult\.refresh\(opt_state, param_dict\)"):
+        _ts_step(state)
+    for x, y in zip(jax.tree.leaves(before), jax.tree.leaves(state.params), strict=True):
+        np.testing.assert_array_equal(x, y)
+    state = _ts_step(state.replace(opt_state=lrmult.refresh(state.opt_state, pd)))
+    np.testing.assert_array_equal(state.params["l1"]["kernel"], before["l1"]["kernel"])
+    # a: second Adam step of constant gradients, m_hat / sqrt(v_hat) = 1
+    np.testing.assert_allclose(state.params["a"]["kernel"], 0.8, rtol=1e-5)
+
+
+def test_eager_update_sees_changes_too():
+    pd = ParamDict.from_pytree({"w": jnp.ones(2)})
+    tx = lrmult.sgd(1.0, param_dict=pd)
+    state = tx.init(pd.tree())
+    pd["w"].lr_mult = 0.25
+    u, state = tx.update({"w": jnp.ones(2)}, state, pd.tree())
+    np.testing.assert_allclose(u["w"], -0.25)
+    pd["w"].frozen = True
+    with pytest.raises(ValueError, match="'w' was trainable"):
+        tx.update({"w": jnp.ones(2)}, state, pd.tree())
+
+
+def test_nnx_optimizer_applies_changes_and_refuses_a_new_frozen_set(compiles):
+    from flax import nnx
+
+    class Two(nnx.Module):
+        def __init__(self):
+            self.a = nnx.Linear(2, 1, use_bias=False, rngs=nnx.Rngs(0))
+            self.l1 = nnx.Linear(1, 1, use_bias=False, rngs=nnx.Rngs(1))
+
+        def __call__(self, x):
+            return self.l1(self.a(x))
+
+    @nnx.jit
+    def step(model, optimizer, x):
+        optimizer.update(model, nnx.grad(lambda m: m(x).sum())(model))
+
+    model = Two()
+    model.a.kernel[...] = jnp.ones((2, 1))
+    model.l1.kernel[...] = jnp.full((1, 1), 2.0, jnp.float32)  # not weakly typed
+    pd = lrmult.from_nnx(model)
+    optimizer = nnx.Optimizer(model, lrmult.sgd(0.1, param_dict=pd), wrt=nnx.Param)
+    x = jnp.ones((1, 2))
+    step(model, optimizer, x)  # d/da = l1 = 2: a -> 0.8; d/dl1 = sum(x a) = 2: l1 -> 1.8
+    np.testing.assert_allclose(model.a.kernel[...], 0.8, rtol=1e-6)
+    count = compiles()
+    pd["a/kernel"].lr_mult = 0.5
+    step(model, optimizer, x)  # d/da = 1.8: a -= 0.1 * 0.5 * 1.8; d/dl1 = 1.6: l1 -> 1.64
+    assert count("step") == 0
+    np.testing.assert_allclose(model.a.kernel[...], 0.8 - 0.09, rtol=1e-5)
+    np.testing.assert_allclose(model.l1.kernel[...], 1.64, rtol=1e-5)
+    pd["l1/kernel"].frozen = True
+    with pytest.raises(ValueError, match=r"'l1/kernel'.*refresh_optimizer"):
+        step(model, optimizer, x)
+    np.testing.assert_allclose(model.l1.kernel[...], 1.64, rtol=1e-5)
+    lrmult.refresh_optimizer(optimizer, pd)
+    step(model, optimizer, x)  # d/da = 1.64: a -= 0.082; l1 frozen
+    np.testing.assert_allclose(model.a.kernel[...], 0.71 - 0.082, rtol=1e-5)
+    np.testing.assert_allclose(model.l1.kernel[...], 1.64, rtol=1e-5)

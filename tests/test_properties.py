@@ -424,8 +424,10 @@ def test_iv_explain_agrees_with_the_update_applied(case):
 
 
 def test_iv_explain_describes_the_state_at_the_optax_level():
+    """An untracked state (track=False) applies what it was built with until refreshed;
+    explain shows what it applies, and warns."""
     pd = ParamDict.from_pytree({"a": jnp.ones(2), "b": jnp.ones(2)})
-    tx = lrmult.sgd(1.0, param_dict=pd)
+    tx = lrmult.sgd(1.0, param_dict=pd, track=False)
     state = tx.init(pd.tree())
     pd["a"].lr_mult = 5.0  # no refresh yet: the state still applies 1.0
     updates, _ = tx.update({"a": jnp.ones(2), "b": jnp.ones(2)}, state, pd.tree())
@@ -434,6 +436,17 @@ def test_iv_explain_describes_the_state_at_the_optax_level():
     with pytest.warns(UserWarning, match=r"'a'.*lrmult.refresh"):
         row = {r.name: r for r in lrmult.explain(state, pd, learning_rate=1.0)}["a"]
     assert (row.lr_mult, row.lr, row.lr_source) == (1.0, applied, "state")
+
+
+def test_iv_a_tracked_state_applies_and_explains_the_change():
+    pd = ParamDict.from_pytree({"a": jnp.ones(2), "b": jnp.ones(2)})
+    tx = lrmult.sgd(1.0, param_dict=pd)
+    state = tx.init(pd.tree())
+    pd["a"].lr_mult = 5.0
+    updates, _ = tx.update({"a": jnp.ones(2), "b": jnp.ones(2)}, state, pd.tree())
+    assert -float(updates["a"][0]) == 5.0
+    row = {r.name: r for r in lrmult.explain(state, learning_rate=1.0)}["a"]
+    assert (row.lr_mult, row.lr, row.lr_source) == (5.0, 5.0, "param")
 
 
 def test_iv_explain_without_a_param_dict_shows_the_parameters():
