@@ -13,7 +13,6 @@ Overrides that name nothing are `KeyError`s; overrides a set Parameter shadows a
 
 from __future__ import annotations
 
-import inspect
 import warnings
 from collections.abc import Mapping
 from typing import Any, NamedTuple
@@ -23,6 +22,7 @@ import numpy as np
 import optax
 
 from lrmult._names import path_name, suggest
+from lrmult._where import user_stacklevel
 from lrmult.parameter import check_multiplier
 
 
@@ -306,16 +306,5 @@ def warn_shadowed(
             warnings.warn(
                 f"{attr} override {key!r} no longer acts on parameter {name!r}: its "
                 f"Parameter's {attr} was set since, and comes first in the lookup chain",
-                stacklevel=_user_stacklevel(),
+                stacklevel=user_stacklevel(),
             )
-
-
-def _user_stacklevel() -> int:
-    """The stack level of the first frame outside lrmult and JAX: warnings point at user code."""
-    frame, level = inspect.currentframe().f_back, 1
-    while frame is not None:
-        module = frame.f_globals.get("__name__", "")
-        if not (module.startswith("lrmult") or module.startswith("jax")):
-            return level
-        frame, level = frame.f_back, level + 1
-    return 1

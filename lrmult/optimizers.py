@@ -110,6 +110,16 @@ def check_hyperparameter(arg: str, value: Any, where: str) -> Any:
     return value
 
 
+def _uses(momentum: Any) -> bool:
+    """Whether a momentum argument asks for a trace: not None, and not a literal 0.
+
+    An array (injected by `optax.inject_hyperparams`) always does: its value may change.
+    """
+    if momentum is None:
+        return False
+    return not isinstance(momentum, (int, float)) or momentum != 0
+
+
 def _checked(name: str, **hyperparameters: Any) -> None:
     for arg, value in hyperparameters.items():
         check_hyperparameter(arg, value, f"{name}: {arg}")
@@ -194,9 +204,15 @@ def sgd(
         idx2name,
         track,
         _decay(weight_decay, param_dict, wd_mult, idx2name, track),
-        optax.trace(decay=momentum, nesterov=nesterov) if momentum else None,
+        optax.trace(decay=momentum, nesterov=nesterov) if _uses(momentum) else None,
         optax.scale_by_learning_rate(learning_rate),
-        scale_by_lr_mult(param_dict, lr_mult=lr_mult, idx2name=idx2name, track=track),
+        scale_by_lr_mult(
+            param_dict,
+            lr_mult=lr_mult,
+            idx2name=idx2name,
+            track=track,
+            rate=learning_rate,
+        ),
     )
 
 
@@ -251,7 +267,13 @@ def adam(
         _decay(weight_decay, param_dict, wd_mult, idx2name, track),
         per_leaf(_in_float32(optax.scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root))),
         optax.scale_by_learning_rate(learning_rate),
-        scale_by_lr_mult(param_dict, lr_mult=lr_mult, idx2name=idx2name, track=track),
+        scale_by_lr_mult(
+            param_dict,
+            lr_mult=lr_mult,
+            idx2name=idx2name,
+            track=track,
+            rate=learning_rate,
+        ),
     )
 
 
@@ -278,7 +300,13 @@ def adamw(
         per_leaf(_in_float32(optax.scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root))),
         _decay(weight_decay, param_dict, wd_mult, idx2name, track),
         optax.scale_by_learning_rate(learning_rate),
-        scale_by_lr_mult(param_dict, lr_mult=lr_mult, idx2name=idx2name, track=track),
+        scale_by_lr_mult(
+            param_dict,
+            lr_mult=lr_mult,
+            idx2name=idx2name,
+            track=track,
+            rate=learning_rate,
+        ),
     )
 
 
@@ -300,7 +328,11 @@ def rmsprop(
     idx2name: Mapping[int, str] | None = None,
     track: bool = True,
 ) -> optax.GradientTransformation:
-    """RMSProp (optax's arguments) with coupled weight decay: `w -= η·m·trace(rms(g + λ·d·w))`."""
+    """RMSProp (optax's `rmsprop`) with coupled weight decay: `w -= m·trace(η·rms(g + λ·d·w))`.
+
+    As in optax, the momentum trace holds steps already scaled by the learning rate (PyTorch's
+    holds unscaled ones: the two differ while a schedule changes η).
+    """
     _checked(
         "rmsprop",
         learning_rate=learning_rate,
@@ -325,9 +357,15 @@ def rmsprop(
         track,
         _decay(weight_decay, param_dict, wd_mult, idx2name, track),
         per_leaf(_in_float32(scaler)) if bias_correction else _in_float32(scaler),
-        optax.trace(decay=momentum, nesterov=nesterov) if momentum else None,
-        optax.scale_by_learning_rate(learning_rate),
-        scale_by_lr_mult(param_dict, lr_mult=lr_mult, idx2name=idx2name, track=track),
+        optax.scale_by_learning_rate(learning_rate),  # before the trace, as optax.rmsprop
+        optax.trace(decay=momentum, nesterov=nesterov) if _uses(momentum) else None,
+        scale_by_lr_mult(
+            param_dict,
+            lr_mult=lr_mult,
+            idx2name=idx2name,
+            track=track,
+            rate=learning_rate,
+        ),
     )
 
 
@@ -359,7 +397,13 @@ def adagrad(
             optax.scale_by_rss(initial_accumulator_value=initial_accumulator_value, eps=eps)
         ),
         optax.scale_by_learning_rate(learning_rate),
-        scale_by_lr_mult(param_dict, lr_mult=lr_mult, idx2name=idx2name, track=track),
+        scale_by_lr_mult(
+            param_dict,
+            lr_mult=lr_mult,
+            idx2name=idx2name,
+            track=track,
+            rate=learning_rate,
+        ),
     )
 
 
@@ -387,7 +431,13 @@ def lamb(
         _decay(weight_decay, param_dict, wd_mult, idx2name, track),
         optax.scale_by_trust_ratio(),
         optax.scale_by_learning_rate(learning_rate),
-        scale_by_lr_mult(param_dict, lr_mult=lr_mult, idx2name=idx2name, track=track),
+        scale_by_lr_mult(
+            param_dict,
+            lr_mult=lr_mult,
+            idx2name=idx2name,
+            track=track,
+            rate=learning_rate,
+        ),
     )
 
 
@@ -412,7 +462,13 @@ def lion(
         _in_float32(optax.scale_by_lion(b1=b1, b2=b2)),
         _decay(weight_decay, param_dict, wd_mult, idx2name, track),
         optax.scale_by_learning_rate(learning_rate),
-        scale_by_lr_mult(param_dict, lr_mult=lr_mult, idx2name=idx2name, track=track),
+        scale_by_lr_mult(
+            param_dict,
+            lr_mult=lr_mult,
+            idx2name=idx2name,
+            track=track,
+            rate=learning_rate,
+        ),
     )
 
 
@@ -455,5 +511,5 @@ def custom(
         _decay(weight_decay, param_dict, None, None, track),
         direction,
         optax.scale_by_learning_rate(learning_rate) if learning_rate is not None else None,
-        scale_by_lr_mult(param_dict, track=track),
+        scale_by_lr_mult(param_dict, track=track, rate=learning_rate),
     )

@@ -37,6 +37,31 @@ def _is_array(x: Any) -> bool:
     return isinstance(x, (jax.Array, np.ndarray, np.generic))
 
 
+def _select_hint(regex: re.Pattern[str], names: list[str]) -> str:
+    """What the user may have meant by a pattern that `re.match`es nothing."""
+
+    def shown(found: list[str]) -> str:
+        return ", ".join(repr(n) for n in found[:3]) + (", ..." if len(found) > 3 else "")
+
+    flags = regex.flags | re.IGNORECASE
+    anywhere = [n for n in names if regex.search(n)]
+    folded = [n for n in names if re.match(regex.pattern, n, flags)]
+    folded_anywhere = [n for n in names if re.search(regex.pattern, n, flags)]
+    if anywhere:
+        return (
+            f" (re.match anchors at the start; it appears inside {shown(anywhere)}: "
+            f"try {'.*' + regex.pattern!r})"
+        )
+    if folded:
+        return f" (case differs from {shown(folded)}: try {'(?i)' + regex.pattern!r})"
+    if folded_anywhere:
+        return (
+            f" (case differs, and re.match anchors at the start; it appears inside "
+            f"{shown(folded_anywhere)}: try {'(?i).*' + regex.pattern!r})"
+        )
+    return ""
+
+
 class ParamDict(Mapping[str, Parameter]):
     """An ordered mapping name -> `Parameter`; the index of a parameter is its position.
 
@@ -257,8 +282,8 @@ class ParamDict(Mapping[str, Parameter]):
             names = list(self._params)
             shown = ", ".join(repr(n) for n in names[:8]) + (", ..." if len(names) > 8 else "")
             raise ValueError(
-                f"select: pattern {regex.pattern!r} matches no parameter name "
-                f"(re.match anchors at the start: try '.*{regex.pattern}'); names are {shown}"
+                f"select: pattern {regex.pattern!r} matches no parameter name"
+                f"{_select_hint(regex, names)}; names are {shown}"
             )
         return out
 

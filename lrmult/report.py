@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import numpy as np
+import optax
 
 from lrmult import lookup
 from lrmult.display import Table
@@ -30,6 +31,7 @@ class ExplainRow(NamedTuple):
     wd_mult: float
     frozen: bool
     lr: float
+    wd: float
     lr_source: str
     wd_source: str
     frozen_source: str
@@ -41,8 +43,12 @@ def rows(
     lr_overrides: Mapping[int | str, float] | None,
     wd_overrides: Mapping[int | str, float] | None,
     base_lr: float,
+    base_wd: float = float("nan"),
 ) -> list[ExplainRow]:
-    """Rows in index order; `lr` is the effective rate `base_lr * lr_mult` (0 when frozen)."""
+    """Rows in index order, with the effective rates (0 when frozen).
+
+    `lr` is `base_lr * lr_mult`, `wd` is `base_wd * wd_mult` (the weight decay λ·d applied).
+    """
     lrs = lookup.resolve("lr_mult", leaves, param_dict, lr_overrides)
     wds = lookup.resolve("wd_mult", leaves, param_dict, wd_overrides)
     fzs = lookup.resolve("frozen", leaves, param_dict)
@@ -52,20 +58,34 @@ def rows(
         if param_dict is not None and leaf.name in param_dict:
             shape = tuple(param_dict[leaf.name].shape)
         lr = 0.0 if fz else base_lr * m
-        out.append(ExplainRow(leaf.index, leaf.name, shape, m, d, fz, lr, ms, ds, fs))
+        wd = 0.0 if fz else base_wd * d
+        out.append(ExplainRow(leaf.index, leaf.name, shape, m, d, fz, lr, wd, ms, ds, fs))
     return sorted(out, key=lambda r: r.index)
 
 
-def table(row_list: list[ExplainRow], who: str, base_lr: float) -> Table:
-    """The rows as a `Table` titled with `who` and the base learning rate."""
-    return Table(row_list, title=f"{who} (base learning rate {base_lr:.6g})")
+def table(row_list: list[ExplainRow], who: str, base_lr: float, base_wd: float) -> Table:
+    """The rows as a `Table` titled with `who` and the base rates."""
+    return Table(
+        row_list, title=f"{who} (base learning rate {base_lr:.6g}, weight decay {base_wd:.6g})"
+    )
 
 
-def _state_lr(opt_state: Any) -> float:
-    """The base learning rate an `inject_hyperparams` state holds, else nan."""
+def _state_lr(opt_state: Any, node: MultState) -> float:
+    """The base learning rate now.
+
+    Injected (`inject_hyperparams`), else the chain's own (a schedule is read at the state's step
+    count), else nan.
+    """
     hyper = getattr(opt_state, "hyperparams", None) or {}
-    lr = hyper.get("learning_rate")
-    return float(lr) if lr is not None else float("nan")
+    if hyper.get("learning_rate") is not None:
+        return float(hyper["learning_rate"])
+    lr = node.spec.rate
+    if lr is None:
+        return float("nan")
+    if not callable(lr):
+        return float(lr)
+    counts = find(opt_state, optax.ScaleByScheduleState)
+    return float(lr(counts[0][1].count)) if counts else float("nan")
 
 
 def explain(
@@ -79,8 +99,9 @@ def explain(
       opt_state: a state holding lrmult's multipliers (from `scale_by_lr_mult` or a ready chain).
       param_dict: the ParamDict to read; defaults to the one the state is bound to. Without
         either, the rows show what the state applies and the override dicts it was built with.
-      learning_rate: the base rate for the `lr` column; read from an `inject_hyperparams` state
-        when not given, else shown as nan.
+      learning_rate: the base rate for the `lr` column; when not given, read from an
+        `inject_hyperparams` state or from the ready chain (its rate, or its schedule at the
+        state's step count), else shown as nan.
 
     Returns:
       A `Table` of `ExplainRow`s, printable as text and shown as HTML in notebooks.
@@ -90,15 +111,20 @@ def explain(
         raise ValueError("explain: opt_state holds no scale_by_lr_mult state")
     lr_node = by_attr["lr_mult"]
     wd_node = by_attr.get("wd_mult")
-    base = _state_lr(opt_state) if learning_rate is None else float(learning_rate)
+    base = _state_lr(opt_state, lr_node) if learning_rate is None else float(learning_rate)
     if param_dict is None:
         param_dict = bound_param_dict(opt_state)
+    base_wd = 0.0
+    if wd_node is not None:
+        rate = wd_node.spec.rate
+        base_wd = float(rate) if rate is not None and not callable(rate) else float("nan")
     row_list = rows(
         lr_node.spec.leaves_for(param_dict),
         param_dict,
         dict(lr_node.spec.overrides),
         dict(wd_node.spec.overrides) if wd_node is not None else None,
         base,
+        base_wd,
     )
 
     def differs(held, resolved):
@@ -118,7 +144,7 @@ def explain(
         if differs(m, row.lr_mult):
             row = row._replace(lr_mult=m, lr=base * m, lr_source="state")
         if differs(d, row.wd_mult):
-            row = row._replace(wd_mult=d, wd_source="state")
+            row = row._replace(wd_mult=d, wd=base_wd * d, wd_source="state")
         row_list[k] = row
     if stale and param_dict is not None:
         warnings.warn(
@@ -126,7 +152,7 @@ def explain(
             f"{stale[0]!r}); call lrmult.refresh(opt_state, param_dict) before the next update",
             stacklevel=2,
         )
-    return table(row_list, "lrmult.explain", base)
+    return table(row_list, "lrmult.explain", base, base_wd)
 
 
 def _applied(node: MultState | None, param_dict: Any, n: int) -> list[Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import math
 import os
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -15,6 +16,7 @@ import optax
 
 from lrmult import checkpoint, lookup, report
 from lrmult._names import suggest
+from lrmult._where import user_site, user_stacklevel
 from lrmult.display import Table
 from lrmult.lookup import is_masked
 from lrmult.optimizers import OPTIMIZERS, check_hyperparameter, check_learning_rate, custom
@@ -63,6 +65,24 @@ _DEFAULT_LR = {
 _MULT_ARGS = ("param_dict", "lr_mult", "wd_mult", "idx2name", "track")
 
 
+# A call site handing in this many distinct loss functions is warned about (once).
+_NEW_LOSSES_WARNED = 3
+
+
+def _refuse_tracers(where: str, tree: Any) -> None:
+    """Raise if called while JAX traces (a jit around the Trainer).
+
+    The Trainer's step is jitted already, and tracers written into the Parameters would break the
+    next step.
+    """
+    if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(tree)):
+        raise RuntimeError(
+            f"Trainer.{where} was called inside a JAX transformation (jax.jit, vmap, grad): it is "
+            f"jitted already and updates the Parameters in place; call it outside jax.jit, with "
+            f"concrete arrays (nothing was changed)"
+        )
+
+
 def _as_param_dict(params: Any) -> ParamDict:
     if isinstance(params, ParamDict):
         out = params.copy()
@@ -77,6 +97,13 @@ def _as_param_dict(params: Any) -> ParamDict:
                 )
             out.update(pd)
     elif isinstance(params, Mapping):
+        for name, value in params.items():
+            if not isinstance(value, Parameter):
+                raise TypeError(
+                    f"Trainer: params maps {name!r} to a {type(value).__name__}, not a "
+                    f"lrmult.Parameter; for a pytree of arrays (flax variables['params'], a dict "
+                    f"of arrays) wrap it first: Trainer(lrmult.ParamDict.from_pytree(tree), ...)"
+                )
         out = ParamDict(params)
     else:
         raise TypeError(
@@ -182,6 +209,7 @@ class Trainer:
         self._log.clear()
         self._dirty = False
         self._train_fns: dict[Any, Callable] = {}
+        self._losses_by_site: dict[tuple[str, int], int] = {}
         self._inputs: tuple[dict[str, Any], dict[str, Any]] | None = None
         self._apply_fn = jax.jit(
             self._lrmult_apply_step, donate_argnums=(0, 1), static_argnames="outer"
@@ -214,6 +242,8 @@ class Trainer:
                 kwargs[arg] = check_hyperparameter(arg, v, f"Trainer: optimizer_params[{k!r}]")
             self._lr = kwargs.pop("learning_rate", _DEFAULT_LR[key])
             check_learning_rate(self._lr, "Trainer")
+            default_wd = inspect.signature(factory).parameters["weight_decay"].default
+            self._wd = float(kwargs.get("weight_decay", default_wd))
             self._description = (
                 f"{key}({', '.join(f'{k}={v!r}' for k, v in sorted(kwargs.items()))})"
             )
@@ -236,6 +266,7 @@ class Trainer:
             if self._lr is not None:
                 check_learning_rate(self._lr, "Trainer")
             wd = check_hyperparameter("weight_decay", opts.get("wd", 0.0), "Trainer: wd")
+            self._wd = float(wd)
 
             def direction(learning_rate):
                 return custom(optimizer, learning_rate, wd, param_dict=pd, track=False)
@@ -325,8 +356,10 @@ class Trainer:
         """Each parameter's multipliers, effective learning rate, and which link set each value."""
         lr = self.learning_rate
         base = float("nan") if lr is None else lr
-        rows = report.rows(self._leaves, self._params, self._lr_overrides, self._wd_overrides, base)
-        return report.table(rows, "Trainer.explain", base)
+        rows = report.rows(
+            self._leaves, self._params, self._lr_overrides, self._wd_overrides, base, self._wd
+        )
+        return report.table(rows, "Trainer.explain", base, self._wd)
 
     # -- checkpoints ------------------------------------------------------------------------------
     def save_states(self, path: str | os.PathLike) -> None:
@@ -474,8 +507,8 @@ class Trainer:
 
     def _grads_by_name(self, grads: Any) -> dict[str, Any]:
         names = self._names
-        if isinstance(grads, Mapping) and grads and all(k in self._params for k in grads):
-            flat = dict(grads)
+        if isinstance(grads, Mapping) and all(k in self._params for k in grads):
+            flat = dict(grads)  # {} is fine when every parameter is frozen
         else:
             leaves, treedef = jax.tree.flatten(grads)
             if treedef != self._treedef:
@@ -532,7 +565,10 @@ class Trainer:
             raise TypeError(f"step: batch_size must be a number, got {type(batch_size).__name__}")
         if not batch_size > 0 or not math.isfinite(batch_size):
             raise ValueError(f"step: batch_size must be a finite number > 0, got {batch_size!r}")
+        _refuse_tracers("step", grads)
         flat = self._grads_by_name(grads)
+        if not flat:
+            return  # every parameter is frozen: nothing to update
         self._sync()
         trainable, frozen = self._gather()
         g = {n: (flat[n] if n in flat else optax.MaskedNode()) for n in self._names}
@@ -541,6 +577,7 @@ class Trainer:
         new, rest, finite = self._apply_fn(
             trainable, rest, mults, g, jnp.float32(1.0 / batch_size), outer=outer
         )
+        _refuse_tracers("step", (new, rest))
         self._opt_state = _join_state(outer, rest, mults)
         self._write_back(new, frozen)
         self._raise_if_not_finite(finite)
@@ -550,6 +587,7 @@ class Trainer:
         fn = self._train_fns.get(key)
         if fn is not None:
             return fn
+        self._note_new_loss(loss_fn)
         update, treedef, order = self._update, self._treedef, self._order
         fname = getattr(loss_fn, "__name__", repr(loss_fn))
 
@@ -581,6 +619,20 @@ class Trainer:
         self._train_fns[key] = fn
         return fn
 
+    def _note_new_loss(self, loss_fn: Callable) -> None:
+        """Warn once per call site that keeps handing in new loss function objects."""
+        site = user_site()
+        seen = self._losses_by_site.setdefault(site, 0) + 1
+        self._losses_by_site[site] = seen
+        if seen == _NEW_LOSSES_WARNED:
+            name = getattr(loss_fn, "__name__", repr(loss_fn))
+            warnings.warn(
+                f"train_step: {seen} different loss function objects ({name!r}) came from "
+                f"{site[0]}:{site[1]}, and each compiles a new step; define the loss function "
+                f"once, outside the loop, and pass the same object",
+                stacklevel=user_stacklevel(),
+            )
+
     def train_step(self, loss_fn: Callable, *args: Any, has_aux: bool = False) -> Any:
         """One jitted step: the gradient of `loss_fn(params.tree(), *args)` and its update.
 
@@ -592,11 +644,13 @@ class Trainer:
         """
         if not callable(loss_fn):
             raise TypeError(f"train_step: loss_fn must be callable, got {type(loss_fn).__name__}")
+        _refuse_tracers("train_step", args)
         fn = self._train_fn(loss_fn, has_aux)
         self._sync()
         trainable, frozen = self._gather()
         outer, rest, mults = _split_state(self._opt_state)
         new, rest, finite, out = fn(trainable, frozen, rest, mults, args, outer=outer)
+        _refuse_tracers("train_step", (new, rest))  # a jit around us with no traced argument
         self._opt_state = _join_state(outer, rest, mults)
         self._write_back(new, frozen)
         self._raise_if_not_finite(finite)

@@ -76,6 +76,8 @@ class MultSpec:
       overrides: the transformation's override dict, as sorted `(key, value)` pairs.
       idx2name: the transformation's `idx2name`, as sorted pairs, or None.
       binding: the live link to the ParamDict the state tracks, or None.
+      rate: the base rate this multiplier scales (the chain's learning rate for `lr_mult`, its
+        weight decay for `wd_mult`), a number or schedule, for `explain`; None when unknown.
     """
 
     attr: str
@@ -83,6 +85,7 @@ class MultSpec:
     overrides: tuple[tuple[int | str, float], ...]
     idx2name: tuple[tuple[int, str], ...] | None
     binding: Binding | None = None
+    rate: Any = None
 
     def leaves_for(self, param_dict: Mapping[str, Any] | None) -> list[Leaf]:
         """The leaves as `param_dict` indexes them (a ParamDict's order is the one users count)."""
@@ -161,7 +164,13 @@ def _sorted_items(mapping: Mapping | None) -> tuple:
 
 
 def _multiplier_init(
-    attr: str, param_dict: Any, overrides: Any, idx2name: Any, where: str, track: bool
+    attr: str,
+    param_dict: Any,
+    overrides: Any,
+    idx2name: Any,
+    where: str,
+    track: bool,
+    rate: Any = None,
 ):
     """Shared `init` of `scale_by_lr_mult` and `add_decayed_weights`, validated when built."""
     check_param_dict(param_dict, where)
@@ -182,6 +191,7 @@ def _multiplier_init(
             _sorted_items(overrides),
             None if idx2name is None else _sorted_items(idx2name),
             bind(tuple(leaves)),
+            rate if isinstance(rate, float | int) or callable(rate) else None,
         )
         flat, treedef = flatten(params)
         values = lookup.multiplier_values(attr, leaves, param_dict, overrides)
@@ -199,6 +209,7 @@ def scale_by_lr_mult(
     lr_mult: Mapping[int | str, float] | None = None,
     idx2name: Mapping[int, str] | None = None,
     track: bool = True,
+    rate: Any = None,
 ) -> optax.GradientTransformation:
     """Multiply each leaf's update by its `lr_mult`.
 
@@ -212,11 +223,15 @@ def scale_by_lr_mult(
       idx2name: index -> name, for trees whose path names are not the parameter names.
       track: keep the state in step with `param_dict`: a changed multiplier applies at the next
         update, in any jitted step, without `lrmult.refresh` (the Trainer tracks changes itself).
+      rate: the base learning rate (a number or schedule) applied before this link, recorded
+        so that `explain` can show effective rates; it does not scale anything here.
 
     Returns:
       An `optax.GradientTransformation` whose state holds one float32 scalar per leaf.
     """
-    init = _multiplier_init("lr_mult", param_dict, lr_mult, idx2name, "scale_by_lr_mult", track)
+    init = _multiplier_init(
+        "lr_mult", param_dict, lr_mult, idx2name, "scale_by_lr_mult", track, rate
+    )
 
     def update_fn(updates, state, params=None):
         del params
@@ -227,7 +242,9 @@ def scale_by_lr_mult(
 
 
 def check_weight_decay(weight_decay: Any, where: str) -> None:
-    """A weight decay is a number >= 0 (or an array); raise naming `where` otherwise."""
+    """A weight decay is a number >= 0, an array or a schedule; raise naming `where` otherwise."""
+    if callable(weight_decay):
+        return
     if not isinstance(weight_decay, (int, float, jax.Array, np.ndarray)) or isinstance(
         weight_decay, bool
     ):
@@ -251,7 +268,8 @@ def add_decayed_weights(
     """Add `weight_decay * wd_mult * param` to each leaf's update (optax's, per leaf).
 
     Args:
-      weight_decay: the base rate λ.
+      weight_decay: the base rate λ: a number, or a schedule step -> rate (as in optax, the
+        state then counts steps).
       param_dict: a ParamDict whose Parameters' `wd_mult` come first in the lookup chain.
       wd_mult: override dict, parameter index or name -> multiplier.
       idx2name: index -> name, for trees whose path names are not the parameter names.
@@ -261,18 +279,32 @@ def add_decayed_weights(
       An `optax.GradientTransformation`; frozen leaves get no decay.
     """
     check_weight_decay(weight_decay, "add_decayed_weights")
-    init = _multiplier_init("wd_mult", param_dict, wd_mult, idx2name, "add_decayed_weights", track)
+    mult_init = _multiplier_init(
+        "wd_mult", param_dict, wd_mult, idx2name, "add_decayed_weights", track, weight_decay
+    )
+    scheduled = callable(weight_decay)
+
+    def init(params):
+        mults = mult_init(params)
+        if not scheduled:
+            return mults
+        return mults, optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32))
 
     def update_fn(updates, state, params=None):
         if params is None:
             raise ValueError("add_decayed_weights needs params: call update(grads, state, params)")
+        mults, schedule = state if scheduled else (state, None)
+        rate = weight_decay(schedule.count) if scheduled else weight_decay
         out = jax.tree.map(
-            lambda d, u, p: (u + (weight_decay * d) * p).astype(u.dtype),
-            state.live_values(),
+            lambda d, u, p: (u + (rate * d) * p).astype(u.dtype),
+            mults.live_values(),
             updates,
             params,
         )
-        return out, state
+        if not scheduled:
+            return out, state
+        count = optax.safe_increment(schedule.count)
+        return out, (mults, optax.ScaleByScheduleState(count=count))
 
     return optax.GradientTransformation(init, update_fn)
 

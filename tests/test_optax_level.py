@@ -252,3 +252,99 @@ def test_nnx_optimizer_applies_changes_and_refuses_a_new_frozen_set(compiles):
     step(model, optimizer, x)  # d/da = 1.64: a -= 0.082; l1 frozen
     np.testing.assert_allclose(model.a.kernel[...], 0.71 - 0.082, rtol=1e-5)
     np.testing.assert_allclose(model.l1.kernel[...], 1.64, rtol=1e-5)
+
+
+# -- optax.inject_hyperparams: every hyperparameter, numbers as without injection ----------------
+
+INJECTED = {
+    "sgd": {"learning_rate": 0.1, "momentum": 0.9, "weight_decay": 0.01},
+    "nag": {"learning_rate": 0.1, "momentum": 0.8, "weight_decay": 0.01},
+    "adam": {"learning_rate": 0.1, "b1": 0.8, "b2": 0.99, "eps": 1e-6, "weight_decay": 0.01},
+    "adamw": {"learning_rate": 0.1, "b1": 0.8, "b2": 0.99, "eps": 1e-6, "weight_decay": 0.01},
+    "rmsprop": {"learning_rate": 0.1, "decay": 0.8, "eps": 1e-6, "momentum": 0.5},
+    "adagrad": {"learning_rate": 0.1, "initial_accumulator_value": 0.2, "eps": 1e-6},
+    "lamb": {"learning_rate": 0.1, "b1": 0.8, "b2": 0.99, "eps": 1e-5, "weight_decay": 0.01},
+    "lion": {"learning_rate": 0.1, "b1": 0.8, "b2": 0.95, "weight_decay": 0.01},
+}
+
+
+@pytest.mark.parametrize("name", sorted(INJECTED))
+def test_inject_hyperparams_accepts_every_hyperparameter(name):
+    pd = _pd()
+    kwargs = INJECTED[name]
+    plain = getattr(lrmult, name)(**kwargs, param_dict=pd)
+    injected = optax.inject_hyperparams(getattr(lrmult, name))(**kwargs, param_dict=pd)
+    s1, s2 = plain.init(pd.tree()), injected.init(pd.tree())
+    assert set(kwargs) <= set(s2.hyperparams)
+    update = jax.jit(injected.update)
+    params1 = params2 = pd.tree()
+    for k in range(3):
+        g = jax.tree.map(lambda p, k=k: jnp.full_like(p, 1.0 + k), params1)
+        u1, s1 = plain.update(g, s1, params1)
+        u2, s2 = update(g, s2, params2)
+        params1, params2 = optax.apply_updates(params1, u1), optax.apply_updates(params2, u2)
+    for x, y in zip(jax.tree.leaves(params1), jax.tree.leaves(params2), strict=True):
+        np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
+
+
+def test_weight_decay_as_a_schedule_matches_optax():
+    schedule = optax.linear_schedule(0.1, 0.0, 4)
+    params = {"w": jnp.array([1.0, -2.0])}
+    ours = lrmult.adamw(0.1, weight_decay=schedule)
+    theirs = optax.adamw(0.1, weight_decay=0.0)  # decay added by hand below
+    s1, s2 = ours.init(params), theirs.init(params)
+    p1 = p2 = params
+    for k in range(4):
+        g = {"w": jnp.array([0.5, 0.25]) * (k + 1)}
+        u1, s1 = ours.update(g, s1, p1)
+        u2, s2 = theirs.update(g, s2, p2)
+        # optax.adamw's update with decay λ_k: -lr * (adam + λ_k * w), λ_k = 0.1 * (1 - k / 4)
+        u2 = jax.tree.map(lambda u, w, k=k: u - 0.1 * (0.1 * (1 - k / 4)) * w, u2, p2)
+        p1, p2 = optax.apply_updates(p1, u1), optax.apply_updates(p2, u2)
+        np.testing.assert_allclose(p1["w"], p2["w"], rtol=1e-6)
+    injected = optax.inject_hyperparams(lrmult.adamw)(learning_rate=0.1, weight_decay=schedule)
+    s3, p3 = injected.init(params), params
+    for k in range(4):
+        u3, s3 = injected.update({"w": jnp.array([0.5, 0.25]) * (k + 1)}, s3, p3)
+        p3 = optax.apply_updates(p3, u3)
+    np.testing.assert_allclose(p3["w"], p1["w"], rtol=1e-5)  # injected rates are float32 arrays
+
+
+def test_explain_shows_the_chains_own_rate_and_schedule():
+    pd = _pd()
+    state = lrmult.sgd(0.1, param_dict=pd).init(pd.tree())
+    rows = {r.name: r for r in lrmult.explain(state)}
+    assert rows["a"].lr == pytest.approx(0.05) and rows["b"].lr == pytest.approx(0.1)
+    schedule = optax.linear_schedule(1.0, 0.0, 10)
+    tx = lrmult.adam(schedule, param_dict=pd)
+    state = tx.init(pd.tree())
+    g = {"a": jnp.ones(2), "b": jnp.ones(3), "c": jnp.ones(1)}
+    for _ in range(3):
+        _, state = tx.update(g, state, pd.tree())
+    rows = {r.name: r for r in lrmult.explain(state)}
+    assert rows["b"].lr == pytest.approx(0.7) and rows["a"].lr == pytest.approx(0.35)
+
+
+def test_ready_chains_take_extra_update_arguments():
+    pd = _pd()
+    for name in CHAINS:
+        tx = getattr(lrmult, name)(0.1, param_dict=pd)
+        assert isinstance(tx, optax.GradientTransformationExtraArgs), name
+        state = tx.init(pd.tree())
+        g = {"a": jnp.ones(2), "b": jnp.ones(3), "c": jnp.ones(1)}
+        u, _ = tx.update(g, state, pd.tree(), value=jnp.float32(1.0), grad=g)
+        np.testing.assert_array_equal(u["c"], 0.0)
+
+
+def test_rmsprop_with_momentum_and_a_schedule_equals_optax():
+    schedule = optax.exponential_decay(0.1, 1, 0.5)
+    params = {"w": jnp.array([1.0, -2.0, 0.5])}
+    ours = lrmult.rmsprop(schedule, momentum=0.9)
+    theirs = optax.rmsprop(schedule, momentum=0.9)
+    s1, s2, p1, p2 = ours.init(params), theirs.init(params), params, params
+    for k in range(5):
+        g = {"w": jnp.array([0.3, -0.1, 0.2]) * (k + 1)}
+        u1, s1 = ours.update(g, s1, p1)
+        u2, s2 = theirs.update(g, s2, p2)
+        p1, p2 = optax.apply_updates(p1, u1), optax.apply_updates(p2, u2)
+    np.testing.assert_allclose(p1["w"], p2["w"], rtol=1e-6)
