@@ -86,7 +86,12 @@ def check_frozen(value: Any, name: str | None) -> bool:
 def check_grad_req(value: Any, name: str | None) -> bool:
     """Translate Gluon's grad_req into a frozen flag."""
     if value not in _GRAD_REQS:
-        hint = " (gradient accumulation is not supported)" if value == "add" else ""
+        hint = (
+            " (gradient accumulation: wrap the optimizer in optax.MultiSteps, e.g. "
+            "Trainer(params, optax.MultiSteps(optax.adam(1e-3), every_k_schedule=4)))"
+            if value == "add"
+            else ""
+        )
         raise ValueError(
             f"{_describe(name)}: grad_req must be 'write' or 'null', got {value!r}{hint}"
         )

@@ -7,7 +7,7 @@ import math
 import os
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -51,7 +51,13 @@ def _join_state(outer: Any, rest: list[Any], mults: tuple[MultState, ...]) -> An
 
 # Gluon's optimizer_params keys -> the ready chains' argument names.
 _GLUON_KEYS = {"wd": "weight_decay", "beta1": "b1", "beta2": "b2", "epsilon": "eps"}
-_TRAINER_KEYS = ("learning_rate", "clip_gradient", "clip_global_norm")
+_TRAINER_KEYS = (
+    "learning_rate",
+    "lr_scheduler",
+    "clip_gradient",
+    "clip_global_norm",
+    "rescale_grad",
+)
 _DEFAULT_LR = {
     "sgd": 0.01,
     "nag": 0.01,
@@ -63,6 +69,16 @@ _DEFAULT_LR = {
     "lion": 1e-4,
 }
 _MULT_ARGS = ("param_dict", "lr_mult", "wd_mult", "idx2name", "track")
+
+
+class _Summary(NamedTuple):
+    optimizer: str
+    learning_rate: float
+    weight_decay: float
+    parameters: int
+    trainable: int
+    frozen: int
+    overrides: int
 
 
 # A call site handing in this many distinct loss functions is warned about (once).
@@ -185,11 +201,28 @@ class Trainer:
 
         clip = _check_clip("clip_gradient", opts.pop("clip_gradient", None))
         clip_norm = _check_clip("clip_global_norm", opts.pop("clip_global_norm", None))
+        rescale = _check_clip("rescale_grad", opts.pop("rescale_grad", None))
+        if "lr_scheduler" in opts:  # MXNet's name for a schedule of the base rate
+            if "learning_rate" in opts:
+                raise ValueError(
+                    "Trainer: give optimizer_params 'learning_rate' or 'lr_scheduler', not both"
+                )
+            opts["learning_rate"] = opts.pop("lr_scheduler")
+            if not callable(opts["learning_rate"]):
+                raise TypeError(
+                    "Trainer: optimizer_params['lr_scheduler'] must be a schedule step -> rate "
+                    "(an optax schedule such as optax.cosine_decay_schedule(...))"
+                )
+        if hasattr(optimizer, "gradient_transformation"):  # optax.MultiSteps and the like
+            optimizer = optimizer.gradient_transformation()
         direction = self._direction(optimizer, opts)
         self._description += f" clip_gradient={clip} clip_global_norm={clip_norm}"
+        if rescale is not None:
+            self._description += f" rescale_grad={rescale}"
         lr = self._lr
         self._schedule = callable(lr)
         prefix = [
+            optax.scale(rescale) if rescale is not None else None,  # MXNet: before clipping
             optax.clip(clip) if clip is not None else None,
             optax.clip_by_global_norm(clip_norm) if clip_norm is not None else None,
         ]
@@ -259,7 +292,7 @@ class Trainer:
                 raise ValueError(
                     f"Trainer: optimizer_params key {k!r} does not apply to a custom optax "
                     f"transformation (configure it there); accepted here: learning_rate, wd, "
-                    f"clip_gradient, clip_global_norm"
+                    f"lr_scheduler, clip_gradient, clip_global_norm, rescale_grad"
                 )
             self._lr = opts.get("learning_rate")
             self._description = "a custom optax transformation"
@@ -351,6 +384,57 @@ class Trainer:
         current.update(new)
         self._dirty = True
         return dict(current)
+
+    # -- Gluon's other names ------------------------------------------------------------------
+    @property
+    def optimizer(self) -> optax.GradientTransformation:
+        """The optax transformation this Trainer applies (Gluon's `Trainer.optimizer`)."""
+        return self._tx
+
+    def update(self, batch_size: int | float = 1) -> None:
+        """Refused: Gluon's `update` applies gradients stored on the Parameters; lrmult stores none.
+
+        Raises:
+          TypeError: always, naming `step(grads, batch_size)` and `train_step(loss_fn, ...)`.
+        """
+        raise TypeError(
+            "Trainer.update: lrmult keeps no gradients on the Parameters (JAX returns them); "
+            "call trainer.step(grads, batch_size) with the gradients, or "
+            "trainer.train_step(loss_fn, *args) to compute and apply them in one jitted step"
+        )
+
+    def allreduce_grads(self) -> None:
+        """Refused: under `jax.jit`, gradients of sharded parameters are reduced by XLA.
+
+        Raises:
+          TypeError: always, naming the lrmult way.
+        """
+        raise TypeError(
+            "Trainer.allreduce_grads: there is nothing to reduce by hand: with parameters on a "
+            "mesh (NamedSharding) the jitted step reduces gradients itself; call "
+            "trainer.step(grads, batch_size) or trainer.train_step(loss_fn, *args)"
+        )
+
+    def summary(self) -> Table:
+        """A one-row table: optimizer, base rates, parameter counts and overrides."""
+        frozen = sum(1 for _, p in self._plist if p.frozen)
+        lr = self.learning_rate
+        row = _Summary(
+            self._description,
+            float("nan") if lr is None else lr,
+            self._wd,
+            len(self._plist),
+            len(self._plist) - frozen,
+            frozen,
+            len(self._lr_overrides) + len(self._wd_overrides),
+        )
+        return Table([row], title=type(self).__name__)
+
+    def __repr__(self) -> str:
+        return str(self.summary())
+
+    def _repr_html_(self) -> str:
+        return self.summary()._repr_html_()
 
     def explain(self) -> Table:
         """Each parameter's multipliers, effective learning rate, and which link set each value."""

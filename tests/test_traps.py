@@ -115,3 +115,62 @@ def test_explain_shows_the_effective_weight_decay():
         pytest.approx(0.01),
         pytest.approx(0.1),
     )
+
+
+# -- Gluon and optax habits ------------------------------------------------------------------------
+
+
+def test_multisteps_accumulates_gradients_through_the_trainer():
+    import optax
+
+    pd = ParamDict.from_pytree({"w": jnp.array([1.0, 2.0])})
+    pd["w"].lr_mult = 0.5
+    trainer = Trainer(
+        pd, optax.MultiSteps(optax.identity(), every_k_schedule=2), {"learning_rate": 0.2}
+    )
+    trainer.step({"w": jnp.array([1.0, 3.0])})
+    np.testing.assert_array_equal(pd["w"].data(), [1.0, 2.0])  # first micro-step: no update
+    trainer.step({"w": jnp.array([3.0, 1.0])})
+    # mean gradient (2, 2); the direction is the gradient, scaled by -0.2 and lr_mult 0.5
+    np.testing.assert_allclose(pd["w"].data(), [1.0 - 0.2, 2.0 - 0.2], rtol=1e-6)
+    assert {r.name: r.lr for r in trainer.explain()}["w"] == pytest.approx(0.1)
+
+
+def test_grad_req_add_names_multisteps():
+    pd, _ = _trainer()
+    with pytest.raises(ValueError, match="optax.MultiSteps"):
+        pd["w"].grad_req = "add"
+
+
+def test_gluon_names_optimizer_update_allreduce_lr_scheduler_rescale_grad():
+    import optax
+
+    pd, trainer = _trainer()
+    assert isinstance(trainer.optimizer, optax.GradientTransformation)
+    with pytest.raises(TypeError, match=r"trainer\.step\(grads, batch_size\)"):
+        trainer.update(4)
+    with pytest.raises(TypeError, match="reduces gradients itself"):
+        trainer.allreduce_grads()
+    sched = optax.linear_schedule(1.0, 0.0, 4)
+    t2 = Trainer(pd, "sgd", {"lr_scheduler": sched, "rescale_grad": 0.5})
+    t2.step({"w": jnp.ones(2)})  # rate 1.0 at step 0, gradient 1 * 0.5
+    np.testing.assert_allclose(pd["w"].data(), [0.5, 1.5], rtol=1e-6)
+    assert t2.learning_rate == pytest.approx(0.75)
+    with pytest.raises(ValueError, match="not both"):
+        Trainer(pd, "sgd", {"lr_scheduler": sched, "learning_rate": 0.1})
+
+
+def test_a_trainer_prints_a_summary():
+    pd = ParamDict.from_pytree({"b": jnp.ones(2), "w": jnp.ones(2)})
+    pd["b"].frozen = True
+    trainer = Trainer(pd, "adam", {"learning_rate": 0.1, "wd": 0.01})
+    row = trainer.summary()[0]
+    assert (row.learning_rate, row.weight_decay, row.parameters, row.trainable, row.frozen) == (
+        pytest.approx(0.1),
+        0.01,
+        2,
+        1,
+        1,
+    )
+    assert "adam(weight_decay=0.01)" in repr(trainer)
+    assert trainer._repr_html_().startswith("<table")
