@@ -288,10 +288,20 @@ def multiplier_values(
     param_dict: Mapping[str, Any] | None,
     overrides: Mapping[int | str, float] | None,
 ) -> list[float]:
-    """`attr` of every leaf through the chain, 0 for frozen leaves (they take no step)."""
+    """`attr` of every leaf through the chain, 0 for frozen leaves (they take no step).
+
+    A stacked Parameter's value is an array shaped like its stacked axes (a scalar broadcast),
+    so changing one layer's value keeps the shape: no recompilation.
+    """
     values = resolve(attr, leaves, param_dict, overrides)
     frozen = frozen_mask(leaves, param_dict)
-    return [0.0 if fz else v for (v, _), fz in zip(values, frozen, strict=True)]
+    out = []
+    for leaf, (v, _), fz in zip(leaves, values, frozen, strict=True):
+        param = _param(param_dict, leaf.name)
+        shape = param.stack_shape if param is not None else ()
+        v = 0.0 if fz else v
+        out.append(np.broadcast_to(np.asarray(v, np.float64), shape or np.shape(v)) if shape else v)
+    return out
 
 
 def warn_shadowed(

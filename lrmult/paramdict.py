@@ -78,12 +78,16 @@ class ParamDict(Mapping[str, Parameter]):
         self._index: dict[str, int] = {}
         # (treedef, names in leaf order) of the tree this dict was built from, if any.
         self._structure: tuple[Any, list[str]] | None = None
+        # name -> bool mask over the stacked axes, for Parameters selected by some layers only.
+        self._layers: dict[str, np.ndarray] = {}
         if params is not None:
             self.update(params)
 
     # -- construction --------------------------------------------------------------------------
     @classmethod
-    def from_pytree(cls, tree: Any, *, prefix: str = "") -> ParamDict:
+    def from_pytree(
+        cls, tree: Any, *, prefix: str = "", stacked: Mapping[str, int] | None = None
+    ) -> ParamDict:
         """One Parameter per array leaf, named by its key path joined with `/`.
 
         Linen metadata boxes (`flax.core.meta.AxisMetadata`: `nn.Partitioned`,
@@ -94,6 +98,11 @@ class ParamDict(Mapping[str, Parameter]):
         Args:
           tree: a pytree of arrays (nested dicts, lists, Linen `variables["params"]`, ...).
           prefix: prepended to every name as is (`prefix="trunk/"` gives `trunk/conv/kernel`).
+          stacked: `{path prefix: number of leading stacked axes}` for scanned / stacked layers
+            (`{"layers": 1}`: every leaf under `layers/` is `(L, ...)`). Layer `i` of the leaf
+            `layers/attn/kernel` is then named `layers/i/attn/kernel`, as the unstacked model
+            would name it: `select` matches these names, and `setattr` through such a selection
+            sets that layer's entry of the multiplier array.
 
         Returns:
           A ParamDict in JAX's flatten order, whose `tree()` has the structure of `tree`.
@@ -106,7 +115,7 @@ class ParamDict(Mapping[str, Parameter]):
         if not isinstance(prefix, str):
             raise TypeError(f"from_pytree: prefix must be a str, got {type(prefix).__name__}")
         if flax_trees.has_boxes(tree):
-            return cls.from_linen(tree, prefix=prefix)
+            return cls.from_linen(tree, prefix=prefix).declare_stacks(stacked)
         leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
         if not leaves:
             raise ValueError("from_pytree: the tree has no array leaves")
@@ -131,7 +140,39 @@ class ParamDict(Mapping[str, Parameter]):
         for name, (_, leaf) in zip(names, leaves, strict=True):
             out._add(name, Parameter(leaf, name=name))
         out._structure = (treedef, names)
-        return out
+        return out.declare_stacks(stacked)
+
+    def declare_stacks(self, stacked: Mapping[str, int] | None) -> ParamDict:
+        """Declare stacked layers: `{path prefix: leading stacked axes}` (see `from_pytree`).
+
+        Everything is checked before any Parameter changes. Returns this dict.
+        """
+        if stacked is None:
+            return self
+        if not isinstance(stacked, Mapping):
+            raise TypeError(f"stacked must be a dict prefix -> axes, got {type(stacked).__name__}")
+        plan = []
+        for key, axes in stacked.items():
+            if isinstance(axes, bool) or not isinstance(axes, int) or axes < 1:
+                raise ValueError(f"stacked[{key!r}]: the number of stacked axes must be >= 1")
+            prefix = key.rstrip("/")
+            found = [n for n in self._params if n == prefix or n.startswith(prefix + "/")]
+            if not found:
+                raise ValueError(
+                    f"stacked: {key!r} is the prefix of no parameter name"
+                    f"{suggest(prefix, {n.split('/')[0] for n in self._params})}"
+                )
+            for name in found:
+                p = self._params[name]
+                if axes > len(p.shape):
+                    raise ValueError(
+                        f"stacked[{key!r}]: parameter {name!r} of shape {p.shape} has fewer than "
+                        f"{axes} axes"
+                    )
+                plan.append((p, axes, len(prefix.split("/"))))
+        for p, axes, depth in plan:
+            p.declare_stack(axes, depth)
+        return self
 
     @classmethod
     def from_linen(cls, params: Any, *, prefix: str = "") -> ParamDict:
@@ -172,7 +213,13 @@ class ParamDict(Mapping[str, Parameter]):
 
     @classmethod
     def from_nnx(
-        cls, model: Any, filter: Any = None, *, wrt: Any = None, prefix: str = ""
+        cls,
+        model: Any,
+        filter: Any = None,
+        *,
+        wrt: Any = None,
+        prefix: str = "",
+        stacked: Mapping[str, int] | None = None,
     ) -> ParamDict:
         """One Parameter per `filter` Variable (default `nnx.Param`) of an NNX module.
 
@@ -187,6 +234,7 @@ class ParamDict(Mapping[str, Parameter]):
           filter: an nnx filter choosing the Variables to train; `None` means `nnx.Param`.
           wrt: an alias of `filter` (the name `nnx.Optimizer` uses); give one of the two.
           prefix: prepended to every name as is.
+          stacked: the stacks of an `nnx.scan` / `nnx.vmap` model, as for `from_pytree`.
 
         Returns:
           A ParamDict whose `tree()` is a pure `nnx.State` (arrays, no Variables):
@@ -218,7 +266,7 @@ class ParamDict(Mapping[str, Parameter]):
             for attr in _NNX_METADATA:
                 if attr in meta:
                     params[prefix + name].assign(attr, meta[attr])  # validated, naming the param
-        return params
+        return params.declare_stacks(stacked)
 
     def _add(self, name: str, param: Parameter) -> None:
         self._index[name] = len(self._params)
@@ -252,11 +300,19 @@ class ParamDict(Mapping[str, Parameter]):
         for name, param in self._params.items():
             out._add(name, param)
         out._structure = self._structure
+        out._layers = dict(self._layers)
         return out
+
+    def layers_of(self, name: str) -> np.ndarray | None:
+        """The mask of the layers of stacked Parameter `name` this dict selects (None: all)."""
+        return self._layers.get(name)
 
     # -- Gluon's operations --------------------------------------------------------------------
     def select(self, pattern: str | re.Pattern[str]) -> ParamDict:
         """A new ParamDict sharing the Parameters whose names `re.match` `pattern`.
+
+        A stacked Parameter is also matched by its per-layer names (`layers/3/attn/kernel`): a
+        pattern that matches some layers only selects those layers, which `setattr` then sets.
 
         Raises:
           ValueError: if the pattern is empty, not a valid regex, or matches no name.
@@ -276,8 +332,21 @@ class ParamDict(Mapping[str, Parameter]):
             raise TypeError(f"select: pattern must be a str, got {type(pattern).__name__}")
         out = ParamDict()
         for name, param in self._params.items():
-            if regex.match(name):
+            mine = self._layers.get(name)
+            if regex.match(name) and mine is None:
                 out._add(name, param)
+                continue
+            if not param.stacked:
+                continue
+            mask = np.zeros(param.stack_shape, bool)
+            for index in param.slices():
+                mask[index] = bool(regex.match(param.layer_name(index)))
+            if mine is not None:
+                mask &= mine
+            if mask.any():
+                out._add(name, param)
+                if not mask.all():
+                    out._layers[name] = mask
         if not out:
             names = list(self._params)
             shown = ", ".join(repr(n) for n in names[:8]) + (", ..." if len(names) > 8 else "")
@@ -309,8 +378,26 @@ class ParamDict(Mapping[str, Parameter]):
                 value = check_multiplier(attr, value, where)
         elif attr == "grad_req":
             raise ValueError("setattr: grad_req must be 'write' or 'null', got None")
-        for param in self._params.values():
-            param.assign(attr, value)
+        new = {}
+        for name, param in self._params.items():
+            mask = self._layers.get(name)
+            if mask is None:
+                new[name] = value
+            elif value is None:
+                raise ValueError(
+                    f"setattr: {attr} cannot be unset on some layers of {name!r}; set a value"
+                )
+            else:  # the other layers keep what they read now
+                current = getattr(param, attr)
+                entries = np.array(np.broadcast_to(current, param.stack_shape), dtype=float)
+                entries[mask] = value
+                new[name] = entries.astype(bool) if attr == "frozen" else entries
+                if attr == "frozen":
+                    check_frozen(new[name], name, param.shape, param.stacked)
+                else:
+                    check_multiplier(attr, new[name], name, param.shape, param.stacked)
+        for name, param in self._params.items():
+            param.assign(attr, new[name])
         return self
 
     def update(self, other: Mapping[str, Parameter]) -> None:
@@ -377,8 +464,17 @@ class ParamDict(Mapping[str, Parameter]):
     # -- checkpoints ------------------------------------------------------------------------------
     def describe(self) -> list[dict[str, Any]]:
         """Each parameter's name, shape, dtype and raw metadata (set or unset), as JSON data."""
+
+        def plain(v: Any) -> Any:
+            return v.tolist() if isinstance(v, np.ndarray) else v
+
         return [
-            {"name": n, "shape": list(p.shape), "dtype": str(p.dtype), **p.metadata()}
+            {
+                "name": n,
+                "shape": list(p.shape),
+                "dtype": str(p.dtype),
+                **{k: plain(v) for k, v in p.metadata().items()},
+            }
             for n, p in self._params.items()
         ]
 

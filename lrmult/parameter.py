@@ -46,8 +46,69 @@ def _describe(name: str | None) -> str:
     return f"parameter {name!r}" if name is not None else "parameter (unnamed)"
 
 
-def check_multiplier(attr: str, value: Any, name: str | None) -> float:
-    """Validate a multiplier value: a finite real number >= 0 (bools are refused)."""
+def _is_array_like(value: Any) -> bool:
+    return isinstance(value, (list, tuple)) or (
+        isinstance(value, (jax.Array, np.ndarray)) and np.ndim(value) > 0
+    )
+
+
+def _check_prefix(
+    attr: str, shape: tuple[int, ...], value_shape: Any, name: str | None, stacked: int = 0
+) -> None:
+    """Raise unless an array attribute's shape fits the value.
+
+    It is shaped like the declared stacked axes, or else like leading axes of the value short of
+    all of them (per-element multipliers are not a layer's).
+    """
+    if value_shape is None:
+        return
+    value_shape = tuple(value_shape)
+    ok = (
+        shape == value_shape[:stacked]
+        if stacked
+        else (len(shape) < len(value_shape) and value_shape[: len(shape)] == shape)
+    )
+    if not ok:
+        raise ValueError(
+            f"{_describe(name)}: an array {attr} must be shaped like the leading (stacked-layer) "
+            f"axes of the value: got shape {shape} for a value of shape {value_shape}"
+        )
+
+
+def check_multiplier(
+    attr: str, value: Any, name: str | None, value_shape: Any = None, stacked: int = 0
+) -> float | np.ndarray:
+    """Validate a multiplier: a finite real number >= 0 (bools are refused), or an array of them.
+
+    Args:
+      attr: `lr_mult` or `wd_mult`, for the message.
+      value: the multiplier; an array applies per slice of the leading axes of the value.
+      name: the parameter's name, for the message.
+      value_shape: the parameter's shape, which an array's shape must be a prefix of.
+      stacked: the parameter's declared stacked axes; an array is then shaped like them.
+
+    Returns:
+      A float, or a read-only float64 array.
+    """
+    if _is_array_like(value):
+        arr = np.asarray(value)
+        if arr.dtype == np.bool_ or not np.issubdtype(arr.dtype, np.number):
+            raise ValueError(
+                f"{_describe(name)}: {attr} must hold finite numbers >= 0, got dtype {arr.dtype}"
+            )
+        _check_prefix(attr, tuple(arr.shape), value_shape, name, stacked)
+        arr = arr.astype(np.float64)
+        if not np.all(np.isfinite(arr)) or np.any(arr < 0):
+            raise ValueError(
+                f"{_describe(name)}: {attr} must hold finite numbers >= 0, got {arr.tolist()!r}"
+            )
+        if np.any(arr > FLOAT32_MAX):
+            raise ValueError(
+                f"{_describe(name)}: {attr} exceeds float32's range ({FLOAT32_MAX:.4g}), in which "
+                f"the optimizer state holds it"
+            )
+        arr.flags.writeable = False
+        return arr
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
         if isinstance(value, (jax.Array, np.ndarray)) and np.ndim(value) == 0:
             value = float(value)
@@ -73,8 +134,25 @@ def check_multiplier(attr: str, value: Any, name: str | None) -> float:
     return value
 
 
-def check_frozen(value: Any, name: str | None) -> bool:
-    """Validate a frozen flag: True or False (NumPy bools too)."""
+def check_frozen(value: Any, name: str | None, value_shape: Any = None, stacked: int = 0) -> bool:
+    """Validate a frozen flag: True or False (NumPy bools too), or a uniform bool array.
+
+    A bool array shaped like the leading axes of the value is accepted when all its entries are
+    equal (the whole leaf is frozen or trainable); a mix is refused: per-layer freezing inside
+    one stacked leaf is not supported yet.
+    """
+    if _is_array_like(value):
+        arr = np.asarray(value)
+        if arr.dtype != np.bool_:
+            raise ValueError(f"{_describe(name)}: frozen must hold bools, got dtype {arr.dtype}")
+        _check_prefix("frozen", tuple(arr.shape), value_shape, name, stacked)
+        if arr.size and arr.all() != arr.any():
+            raise ValueError(
+                f"{_describe(name)}: freezing some layers of one stacked leaf is not supported "
+                f"yet (frozen={arr.tolist()}); set lr_mult=0 on those layers (their moments keep "
+                f"advancing, as a PyTorch group with lr 0) or freeze whole leaves"
+            )
+        return bool(arr.all()) if arr.size else False
     if not isinstance(value, (bool, np.bool_)):
         raise ValueError(
             f"{_describe(name)}: frozen must be True or False, got {value!r} "
@@ -141,6 +219,8 @@ class Parameter:
         "_origin",
         "_logs",
         "_reported",
+        "_stacked",
+        "_stack_at",
     )
 
     def __init__(
@@ -156,9 +236,10 @@ class Parameter:
             raise TypeError(f"Parameter name must be a str, got {type(name).__name__}")
         # Validate everything before assigning anything.
         value = _as_array(value, name)
-        lr = None if lr_mult is None else check_multiplier("lr_mult", lr_mult, name)
-        wd = None if wd_mult is None else check_multiplier("wd_mult", wd_mult, name)
-        fz = None if frozen is None else check_frozen(frozen, name)
+        shape = tuple(value.shape)
+        lr = None if lr_mult is None else check_multiplier("lr_mult", lr_mult, name, shape)
+        wd = None if wd_mult is None else check_multiplier("wd_mult", wd_mult, name, shape)
+        fz = None if frozen is None else check_frozen(frozen, name, shape)
         self._name = name
         self._value = value
         self._lr_mult = lr
@@ -171,6 +252,8 @@ class Parameter:
         self._logs: weakref.WeakSet[ChangeLog] = weakref.WeakSet()
         # (attr, override key) whose shadowing by this Parameter's setting was reported.
         self._reported: set[tuple[str, Any]] = set()
+        self._stacked = 0  # leading axes that are stacked layers: declare_stack
+        self._stack_at = 0
 
     # -- value -------------------------------------------------------------------------------
     @property
@@ -190,6 +273,48 @@ class Parameter:
     def shape(self) -> tuple[int, ...]:
         """The value's shape."""
         return tuple(self._value.shape)
+
+    @property
+    def stacked(self) -> int:
+        """How many leading axes of the value are stacked layers (0: not a stack)."""
+        return self._stacked
+
+    @property
+    def stack_shape(self) -> tuple[int, ...]:
+        """The shape of the stacked-layer axes (`()` when not a stack)."""
+        return self.shape[: self._stacked]
+
+    def declare_stack(self, axes: int, prefix_depth: int) -> None:
+        """Mark the first `axes` axes of the value as stacked layers.
+
+        Args:
+          axes: the number of leading stacked axes (1 for `(L, d, d)`).
+          prefix_depth: how many `/`-components of the name the stack's prefix has: layer `i`
+            of `layers/attn/kernel` (prefix `layers`, depth 1) is `layers/i/attn/kernel`.
+        """
+        if isinstance(axes, bool) or not isinstance(axes, int) or axes < 1:
+            raise ValueError(
+                f"{_describe(self._name)}: stacked axes must be an int >= 1, got {axes!r}"
+            )
+        if axes > len(self.shape):
+            raise ValueError(
+                f"{_describe(self._name)}: stacked={axes} leading axes, but the value has shape "
+                f"{self.shape}"
+            )
+        self._stacked, self._stack_at = axes, prefix_depth
+
+    def layer_name(self, index: tuple[int, ...]) -> str:
+        """The name the unstacked model gives layer `index` (`layers/3/attn/kernel`)."""
+        if not self._stacked:
+            return f"{self._name}[{', '.join(map(str, index))}]"
+        parts = (self._name or "").split("/")
+        at = self._stack_at
+        return "/".join([*parts[:at], *map(str, index), *parts[at:]])
+
+    def slices(self, attr_shape: tuple[int, ...] | None = None) -> list[tuple[int, ...]]:
+        """The index of every layer slice (of the stack, or of an array multiplier's shape)."""
+        shape = self.stack_shape or tuple(attr_shape or ())
+        return list(np.ndindex(*shape)) if shape else []
 
     @property
     def dtype(self) -> np.dtype:
@@ -329,9 +454,9 @@ class Parameter:
         elif value is None:
             pass
         elif attr == "frozen":
-            value = check_frozen(value, self._name)
+            value = check_frozen(value, self._name, self.shape, self._stacked)
         elif attr in MULTIPLIERS:
-            value = check_multiplier(attr, value, self._name)
+            value = check_multiplier(attr, value, self._name, self.shape, self._stacked)
         else:
             raise AttributeError(
                 f"{_describe(self._name)}: unknown attribute {attr!r}{suggest(attr, ATTRIBUTES)}"
@@ -371,7 +496,16 @@ class Parameter:
 
     def restore_metadata(self, raw: dict[str, Any]) -> None:
         """Put back what `metadata()` returned (no validation: it came from this class)."""
-        self._lr_mult, self._wd_mult, self._frozen = raw["lr_mult"], raw["wd_mult"], raw["frozen"]
+
+        def back(v: Any) -> Any:  # JSON gives arrays back as lists
+            if not isinstance(v, list):
+                return v
+            arr = np.asarray(v, np.float64)
+            arr.flags.writeable = False
+            return arr
+
+        self._lr_mult, self._wd_mult = back(raw["lr_mult"]), back(raw["wd_mult"])
+        self._frozen = raw["frozen"]
         self._origin = dict(raw.get("origin", {}))
         self._noted("metadata")
 

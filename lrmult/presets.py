@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -57,13 +58,54 @@ def _check_params(params: object, where: str) -> None:
         raise TypeError(f"{where}: params must be a ParamDict, got {type(params).__name__}")
 
 
-def _compose(params: ParamDict, attr: str, factors: dict[str, float], origin: str) -> ParamDict:
-    """Multiply `attr` of each named Parameter by its factor, all checked before any change."""
+def _units(params: ParamDict) -> dict[str, tuple[str, tuple[int, ...] | None]]:
+    """`{unit name: (parameter name, layer index or None)}`.
+
+    A stacked Parameter is one unit per (selected) layer, named as the unstacked model names it;
+    any other Parameter is one unit.
+    """
+    out: dict[str, tuple[str, tuple[int, ...] | None]] = {}
+    for name, p in params.items():
+        if not p.stacked:
+            out[name] = (name, None)
+            continue
+        mask = params.layers_of(name)
+        for index in p.slices():
+            if mask is None or mask[index]:
+                out[p.layer_name(index)] = (name, index)
+    return out
+
+
+def _by_parameter(
+    params: ParamDict, units: dict[str, tuple[str, Any]], factors: dict[str, float]
+) -> dict[str, Any]:
+    """Unit factors gathered per Parameter.
+
+    A float, or an array over a stack's layers (1 for the layers no unit names).
+    """
+    out: dict[str, Any] = {}
+    for unit, factor in factors.items():
+        name, index = units[unit]
+        if index is None:
+            out[name] = factor
+            continue
+        p = params[name]
+        if name not in out:
+            out[name] = np.ones(p.stack_shape)
+        out[name][index] = factor
+    return out
+
+
+def _compose(params: ParamDict, attr: str, factors: dict[str, Any], origin: str) -> ParamDict:
+    """Multiply `attr` of each named Parameter by its factor, all checked before any change.
+
+    A factor may be an array over a stacked Parameter's layers; the result is then an array.
+    """
     new = {}
     for name, factor in factors.items():
         p = params[name]
         value = getattr(p, attr) * factor  # an unset multiplier reads as 1.0
-        new[name] = check_multiplier(attr, value, f"{name} ({origin})")
+        new[name] = check_multiplier(attr, value, f"{name} ({origin})", p.shape, p.stacked)
     for name, value in new.items():
         params[name].assign(attr, value, origin)
     return _subset(params, list(new))
@@ -147,11 +189,12 @@ def layerwise_lr_decay(
     if layer_id is not None and not callable(layer_id):
         raise TypeError(f"{where}: layer_id must be a function name -> int, got {layer_id!r}")
 
+    units = _units(params)
     if groups is not None:
         ids = _group_ids(params, groups)
         top = len(groups) - 1
     elif layer_id is None:
-        blocks = [m for m in map(BLOCK.search, params) if m]
+        blocks = [m for m in map(BLOCK.search, units) if m]
         if num_layers is None and not blocks:
             raise ValueError(
                 f"{where}: no parameter name has a block number (layers/0/, block_0, ...); "
@@ -159,10 +202,10 @@ def layerwise_lr_decay(
             )
         top = max(int(m.group(1)) + 2 for m in blocks) if blocks else 0
         top = top if num_layers is None else int(num_layers)
-        ids = {name: default_layer_id(name, top) for name in params}
+        ids = {name: default_layer_id(name, top) for name in units}
     else:
         ids = {}
-        for name in params:
+        for name in units:
             i = layer_id(name)
             if i is None:
                 continue
@@ -186,6 +229,7 @@ def layerwise_lr_decay(
                 f"{where}: decay {decay!r} ** {top - ids[name]} underflows to 0 for {name!r}; "
                 f"use fewer layers or a decay closer to 1"
             )
+    factors = _by_parameter(params, units, factors)
     return _compose(params, "lr_mult", factors, "preset:layerwise_lr_decay")
 
 
@@ -197,7 +241,7 @@ def _group_ids(params: ParamDict, groups: Sequence[Pattern]) -> dict[str, int]:
         )
     owner: dict[str, int] = {}
     for i, pattern in enumerate(groups):
-        for name in params.select(pattern):
+        for name in _units(params.select(pattern)):
             if name in owner:
                 raise ValueError(
                     f"layerwise_lr_decay: parameter {name!r} is matched by group "
@@ -205,7 +249,7 @@ def _group_ids(params: ParamDict, groups: Sequence[Pattern]) -> dict[str, int]:
                     f"({_show(pattern)}); make the patterns disjoint (end them with '/')"
                 )
             owner[name] = i
-    return {name: owner[name] for name in params if name in owner}
+    return {name: owner[name] for name in _units(params) if name in owner}
 
 
 def no_decay(
@@ -241,19 +285,24 @@ def no_decay(
     for arg, value in (("by_rank", by_rank), ("mxnet", mxnet)):
         if not isinstance(value, bool):
             raise TypeError(f"no_decay: {arg} must be True or False, got {value!r}")
+    units = _units(params)
     if mxnet:
-        chosen = [n for n in params if not _MXNET_DECAYED.search(n)]
+        chosen = [n for n in units if not _MXNET_DECAYED.search(n)]
     else:
         regexes = _compile(names)
+
+        def rank(unit: str) -> int:  # a stacked leaf is judged by its per-layer rank
+            p = params[units[unit][0]]
+            return len(p.shape) - p.stacked
+
         chosen = [
-            n
-            for n, p in params.items()
-            if (by_rank and len(p.shape) <= 1) or any(r.search(n) for r in regexes)
+            n for n in units if (by_rank and rank(n) <= 1) or any(r.search(n) for r in regexes)
         ]
     if not chosen:
         rule = "ends in weight/gamma/kernel" if mxnet else "is chosen by rank or names"
         raise ValueError(f"no_decay: every parameter {rule}; nothing would change")
-    return _compose(params, "wd_mult", dict.fromkeys(chosen, 0.0), "preset:no_decay")
+    factors = _by_parameter(params, units, dict.fromkeys(chosen, 0.0))
+    return _compose(params, "wd_mult", factors, "preset:no_decay")
 
 
 def _compile(names: Pattern | Sequence[Pattern] | None) -> list[re.Pattern[str]]:

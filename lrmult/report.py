@@ -44,23 +44,43 @@ def rows(
     wd_overrides: Mapping[int | str, float] | None,
     base_lr: float,
     base_wd: float = float("nan"),
+    held: Mapping[int, tuple[Any, Any]] | None = None,
 ) -> list[ExplainRow]:
     """Rows in index order, with the effective rates (0 when frozen).
 
-    `lr` is `base_lr * lr_mult`, `wd` is `base_wd * wd_mult` (the weight decay λ·d applied).
+    `lr` is `base_lr * lr_mult`, `wd` is `base_wd * wd_mult` (the weight decay λ·d applied). A
+    stacked Parameter (or one with array multipliers) gets one row per layer slice, named as the
+    unstacked model names it. `held` maps a leaf index to the `(lr_mult, wd_mult)` a state
+    applies; where they differ from the chain's answer the row shows them, with source `state`.
     """
     lrs = lookup.resolve("lr_mult", leaves, param_dict, lr_overrides)
     wds = lookup.resolve("wd_mult", leaves, param_dict, wd_overrides)
     fzs = lookup.resolve("frozen", leaves, param_dict)
     out = []
     for leaf, (m, ms), (d, ds), (fz, fs) in zip(leaves, lrs, wds, fzs, strict=True):
-        shape = leaf.shape
-        if param_dict is not None and leaf.name in param_dict:
-            shape = tuple(param_dict[leaf.name].shape)
-        lr = 0.0 if fz else base_lr * m
-        wd = 0.0 if fz else base_wd * d
-        out.append(ExplainRow(leaf.index, leaf.name, shape, m, d, fz, lr, wd, ms, ds, fs))
+        param = param_dict.get(leaf.name) if param_dict is not None else None
+        shape = tuple(param.shape) if param is not None else leaf.shape
+        hm, hd = (held or {}).get(leaf.index, (None, None))
+        if not fz and hm is not None and _differs(hm, m):
+            m, ms = hm, "state"
+        if not fz and hd is not None and _differs(hd, d):
+            d, ds = hd, "state"
+        slices = [()]
+        if param is not None:
+            slices = param.slices(np.shape(m) or np.shape(d)) or [()]
+        for index in slices:
+            mi = float(np.asarray(m)[index]) if np.ndim(m) else m
+            di = float(np.asarray(d)[index]) if np.ndim(d) else d
+            name = param.layer_name(index) if index else leaf.name
+            lr = 0.0 if fz else base_lr * mi
+            wd = 0.0 if fz else base_wd * di
+            row_shape = shape[len(index) :]
+            out.append(ExplainRow(leaf.index, name, row_shape, mi, di, fz, lr, wd, ms, ds, fs))
     return sorted(out, key=lambda r: r.index)
+
+
+def _differs(held: Any, resolved: Any) -> bool:
+    return bool(np.any(np.asarray(held, np.float32) != np.asarray(resolved, np.float32)))
 
 
 def table(row_list: list[ExplainRow], who: str, base_lr: float, base_wd: float) -> Table:
@@ -118,34 +138,17 @@ def explain(
     if wd_node is not None:
         rate = wd_node.spec.rate
         base_wd = float(rate) if rate is not None and not callable(rate) else float("nan")
+    leaves = lr_node.spec.leaves_for(param_dict)
+    n = max((leaf.index for leaf in leaves), default=-1) + 1
+    held = dict(
+        enumerate(
+            zip(_applied(lr_node, param_dict, n), _applied(wd_node, param_dict, n), strict=True)
+        )
+    )
     row_list = rows(
-        lr_node.spec.leaves_for(param_dict),
-        param_dict,
-        dict(lr_node.spec.overrides),
-        dict(wd_node.spec.overrides) if wd_node is not None else None,
-        base,
-        base_wd,
+        leaves, param_dict, dict(lr_node.spec.overrides), _overrides(wd_node), base, base_wd, held
     )
-
-    def differs(held, resolved):
-        return held is not None and np.float32(held) != np.float32(resolved)
-
-    stale = []
-    applied = zip(
-        _applied(lr_node, param_dict, len(row_list)),
-        _applied(wd_node, param_dict, len(row_list)),
-        strict=True,
-    )
-    for k, (row, (m, d)) in enumerate(zip(row_list, applied, strict=True)):
-        if row.frozen or not (differs(m, row.lr_mult) or differs(d, row.wd_mult)):
-            continue
-        stale.append(row.name)
-        # Show what the state applies; "state" marks a value param_dict has changed since.
-        if differs(m, row.lr_mult):
-            row = row._replace(lr_mult=m, lr=base * m, lr_source="state")
-        if differs(d, row.wd_mult):
-            row = row._replace(wd_mult=d, wd=base_wd * d, wd_source="state")
-        row_list[k] = row
+    stale = [r.name for r in row_list if "state" in (r.lr_source, r.wd_source)]
     if stale and param_dict is not None:
         warnings.warn(
             f"explain: the state applies other multipliers than param_dict now says (first: "
@@ -153,6 +156,10 @@ def explain(
             stacklevel=2,
         )
     return table(row_list, "lrmult.explain", base, base_wd)
+
+
+def _overrides(node: MultState | None) -> dict | None:
+    return dict(node.spec.overrides) if node is not None else None
 
 
 def _applied(node: MultState | None, param_dict: Any, n: int) -> list[Any]:

@@ -132,7 +132,9 @@ class MultState:
         values = lookup.multiplier_values(spec.attr, leaves, param_dict, overrides)
         out, changed = [], False
         for x, v in zip(flat, values, strict=True):
-            if not is_masked(x) and np.float32(next(old)) != np.float32(v):
+            if not is_masked(x) and not np.array_equal(
+                np.asarray(next(old), np.float32), np.asarray(v, np.float32)
+            ):
                 x, changed = place_like(v, x), True
             out.append(x)
         return MultState(treedef.unflatten(out), spec) if changed else self
@@ -157,6 +159,11 @@ jax.tree_util.register_pytree_with_keys(
     lambda spec, children: MultState(children[0], spec),
     flatten_func=lambda s: ((s.live_values(),), s.spec),
 )
+
+
+def _per_slice(m: jax.Array, u: jax.Array) -> jax.Array:
+    """A multiplier shaped like the leading (stacked-layer) axes of `u`, made to broadcast."""
+    return m.reshape(m.shape + (1,) * (u.ndim - m.ndim)) if m.ndim else m
 
 
 def _sorted_items(mapping: Mapping | None) -> tuple:
@@ -236,7 +243,9 @@ def scale_by_lr_mult(
     def update_fn(updates, state, params=None):
         del params
         mults = state.live_values()
-        return jax.tree.map(lambda m, u: (u * m).astype(u.dtype), mults, updates), state
+        return jax.tree.map(
+            lambda m, u: (u * _per_slice(m, u)).astype(u.dtype), mults, updates
+        ), state
 
     return optax.GradientTransformation(init, update_fn)
 
@@ -296,7 +305,7 @@ def add_decayed_weights(
         mults, schedule = state if scheduled else (state, None)
         rate = weight_decay(schedule.count) if scheduled else weight_decay
         out = jax.tree.map(
-            lambda d, u, p: (u + (rate * d) * p).astype(u.dtype),
+            lambda d, u, p: (u + (rate * _per_slice(d, u)) * p).astype(u.dtype),
             mults.live_values(),
             updates,
             params,

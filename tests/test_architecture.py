@@ -54,6 +54,7 @@ def test_imports_run_top_down():
     optimizers -> trainer -> flax_interop; checkpoint, display, flax_trees, _names at the bottom."""
     order = [
         "_names",
+        "_where",
         "display",
         "checkpoint",
         "flax_trees",
