@@ -1,0 +1,78 @@
+"""1. Step-time overhead against a plain jitted optax step with the same optimizer
+
+Step time / `optax` step time, interleaved. `optax`: a hand-jitted donating step without
+multipliers; `A/A`: the same compiled step on buffers of its own (its ratio is the noise);
+`chain`: the same hand-jitted step with `lrmult.<opt>(..., param_dict=pd)`; `Trainer`:
+`lrmult.Trainer(pd, opt, ...).train_step`. lrmult runs with `lr_mult = 0.1`, `wd_mult = 0.5` on
+the first half of the leaves. Inputs: buffers of the compiled step (`input_shardings` of
+`jit(step).lower(...).compile()`; the Trainer's jitted step is private: parameters, `opt_state`
+arrays and batch). sgd = SGD + momentum 0.9, adam = Adam (both coupled weight decay 1e-4),
+adamw = AdamW (decoupled, 1e-4).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import harness as h
+import optax
+
+import lrmult
+
+RECIPES = {  # plain optax, lrmult's optax-level chain, Trainer arguments (the same math)
+    "sgd": (
+        lambda: optax.chain(optax.add_decayed_weights(h.WD), optax.sgd(h.LR_SGD, momentum=0.9)),
+        lambda pd: lrmult.sgd(h.LR_SGD, momentum=0.9, weight_decay=h.WD, param_dict=pd),
+        {"learning_rate": h.LR_SGD, "momentum": 0.9, "wd": h.WD},
+    ),
+    "adam": (
+        lambda: optax.chain(optax.add_decayed_weights(h.WD), optax.adam(h.LR)),
+        lambda pd: lrmult.adam(h.LR, weight_decay=h.WD, param_dict=pd),
+        {"learning_rate": h.LR, "wd": h.WD},
+    ),
+    "adamw": (
+        lambda: optax.adamw(h.LR, weight_decay=h.WD),
+        lambda pd: lrmult.adamw(h.LR, weight_decay=h.WD, param_dict=pd),
+        {"learning_rate": h.LR, "wd": h.WD},
+    ),
+}
+FULL = (h.MLP(4, 512, 64), h.MLP(32, 128, 64), h.MLP(256, 32, 16, False))
+FULL += (h.MLP(1024, 32, 16, False),)
+QUICK = (h.MLP(4, 64, 16),)
+
+
+def half_set(params) -> lrmult.ParamDict:
+    pd = h.param_dict(params)
+    for p in list(pd.values())[: len(pd) // 2]:
+        p.lr_mult, p.wd_mult = 0.1, 0.5
+    return pd
+
+
+def run(quick: bool) -> h.Report:
+    models, opts = (QUICK, ("adam",)) if quick else (FULL, tuple(RECIPES))
+    rounds, block_s = (4, 0.01) if quick else (16, 0.04)
+    rows = []
+    for model in models:
+        params, batch = model.init(), model.batch_data()
+        for opt in opts:
+            plain, chain, trainer_opts = RECIPES[opt]
+            base = h.OptaxRunner(plain(), params, batch)
+            runners = {
+                "optax": base,
+                "A/A": base.twin(),
+                "chain": h.OptaxRunner(chain(half_set(params)), params, batch),
+                "Trainer": h.TrainerRunner(half_set(params), opt, trainer_opts, batch),
+            }
+            t = h.interleave(runners, rounds, block_s)
+            ratios = [c for k in ("A/A", "chain", "Trainer") for c in h.ratio(t[k], t["optax"])]
+            inputs = [str(runners[k].input_buffers()) for k in ("optax", "chain", "Trainer")]
+            rows.append([model.describe(), opt, h.fmt_time(h.median(t["optax"])), *ratios])
+            rows[-1].append(" / ".join(inputs))
+            del runners, base
+    header = ["model", "opt", "optax step", "A/A med", "A/A min", "chain med", "chain min"]
+    header += ["Trainer med", "Trainer min", "inputs optax / chain / Trainer"]
+    return h.Report(__doc__, [f"{rounds} rounds.", h.table(header, rows)])
+
+
+if __name__ == "__main__":
+    sys.exit(h.main(run, __doc__))
