@@ -163,3 +163,83 @@ def test_array_multipliers_survive_a_checkpoint(tmp_path):
     trainer.load_states(tmp_path / "t")
     np.testing.assert_array_equal(pd["layers/kernel"].lr_mult, LR_MULT)
     np.testing.assert_array_equal(pd["layers/bias"].wd_mult, WD_MULT)
+
+
+def test_nnx_trainer_on_an_nnx_scan_model_applies_per_layer_multipliers():
+    from flax import nnx
+
+    class Block(nnx.Module):
+        def __init__(self, rngs):
+            self.lin = nnx.Linear(D, D, rngs=rngs)
+
+        def __call__(self, x):
+            return jnp.tanh(self.lin(x))
+
+    class Model(nnx.Module):
+        def __init__(self, rngs):
+            @nnx.split_rngs(splits=L)
+            @nnx.vmap(in_axes=(0,), out_axes=0)
+            def make(rngs):
+                return Block(rngs)
+
+            self.layers = make(rngs)
+
+        def __call__(self, x):
+            @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry)
+            def run(block, x):
+                return block(x)
+
+            return run(self.layers, x)
+
+    model = Model(nnx.Rngs(0))
+    model.layers.lin.kernel[...] = jnp.asarray(KERNEL)
+    model.layers.lin.bias[...] = jnp.asarray(BIAS)
+    pd = lrmult.from_nnx(model, stacked={"layers": 1})
+    pd.setattr("lr_mult", LR_MULT).setattr("wd_mult", WD_MULT)
+    trainer = lrmult.NNXTrainer(
+        model, pd, "sgd", {"learning_rate": 0.05, "momentum": 0.9, "wd": 0.1}
+    )
+
+    def loss_fn(model, x, y):
+        return jnp.mean((model(x) - y) ** 2)
+
+    for _ in range(20):
+        trainer.train_step(loss_fn, X, Y)
+    kernel, bias = torch_per_layer_groups("sgd_momentum", 20)
+    np.testing.assert_allclose(model.layers.lin.kernel[...], kernel, rtol=2e-4, atol=2e-5)
+    np.testing.assert_allclose(model.layers.lin.bias[...], bias, rtol=2e-4, atol=2e-5)
+
+
+SHARDED = """
+import os
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+import jax, jax.numpy as jnp, numpy as np, optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+import lrmult
+
+mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(4, 2), ("layer", "model"))
+k = jnp.arange(4 * 2 * 8, dtype=jnp.float32).reshape(4, 2, 8) / 64
+for spec in (P("layer", None, "model"), P(None, None, "model")):
+    tree = {"layers": {"k": jax.device_put(k, NamedSharding(mesh, spec))}}
+    pd = lrmult.ParamDict.from_pytree(tree, stacked={"layers": 1})
+    pd["layers/k"].lr_mult = np.array([0.0, 0.5, 1.0, 2.0])
+    tx = lrmult.sgd(1.0, param_dict=pd)
+    state = tx.init(tree)
+    step = jax.jit(lambda p, s: tx.update(jax.tree.map(jnp.ones_like, p), s, p))
+    u, _ = step(tree, state)
+    np.testing.assert_allclose(np.asarray(u["layers"]["k"])[:, 0, 0], [0.0, -0.5, -1.0, -2.0])
+    mults = [m for _, m in lrmult.resync.find(state, lrmult.transforms.MultState)]
+    vector = mults[-1].values["layers"]["k"]
+    assert vector.shape == (4,) and vector.sharding.is_equivalent_to(NamedSharding(mesh, P()), 1)
+print("OK")
+"""
+
+
+def test_sharded_stacked_leaves_layer_axis_sharded_or_replicated():
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", SHARDED], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0 and "OK" in done.stdout, done.stderr[-3000:]
