@@ -1,0 +1,59 @@
+"""README's code blocks run as written on a Linen model with a LayerNorm."""
+
+import pathlib
+import re
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+README = (pathlib.Path(__file__).parent.parent / "README.md").read_text()
+
+
+def block_after(heading: str) -> str:
+    section = README[README.index(heading) :]
+    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
+
+class MLP(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.LayerNorm()(nn.Dense(8)(x))
+        return nn.Dense(1)(nn.relu(x))
+
+
+def _world():
+    x = jnp.ones((4, 3))
+    y = jnp.zeros((4, 1))
+    model = MLP()
+    variables = model.init(jax.random.PRNGKey(0), x)
+
+    def loss_fn(tree, x, y):
+        return jnp.mean((model.apply({"params": tree}, x) - y) ** 2)
+
+    return {"variables": variables, "loss_fn": loss_fn, "x": x, "y": y}
+
+
+def test_the_opening_snippet_runs():
+    env = _world()
+    exec("import lrmult\n" + block_after("# lrmult"), env)
+    rows = {r.name: r for r in env["trainer"].explain()}
+    assert rows["Dense_1/kernel"].frozen and rows["Dense_0/kernel"].lr == np.float32(3e-3) * 0.1
+    assert rows["LayerNorm_0/bias"].wd_mult == 0.0
+
+
+def test_the_optax_level_snippet_runs():
+    env = _world()
+    import lrmult
+
+    env["lrmult"] = lrmult
+    env["params"] = params = lrmult.ParamDict.from_pytree(env["variables"]["params"])
+    env["grads"] = jax.grad(env["loss_fn"])(params.tree(), env["x"], env["y"])
+    exec(block_after("## optax level"), env)
+    state = env["state"]
+    g = env["grads"]
+    ours, _ = env["tx"].update(g, state, params.tree())
+    np.testing.assert_array_equal(ours["Dense_0"]["kernel"], 0.0)  # frozen last
+    assert {r.name: r.lr_mult for r in lrmult.explain(state)}["LayerNorm_0/bias"] == 0.5
