@@ -7,7 +7,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 README = (pathlib.Path(__file__).parent.parent / "README.md").read_text()
 
