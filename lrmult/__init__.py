@@ -9,6 +9,7 @@ from lrmult.paramdict import ParamDict
 from lrmult.parameter import Parameter
 from lrmult.report import ExplainRow, explain
 from lrmult.resync import refresh
+from lrmult.rules import apply_rules
 from lrmult.trainer import Trainer
 from lrmult.transforms import add_decayed_weights, per_leaf, scale_by_lr_mult, trainable_only
 
@@ -26,6 +27,7 @@ __all__ = [
     "adam",
     "adamw",
     "add_decayed_weights",
+    "apply_rules",
     "explain",
     "from_linen",
     "from_nnx",

@@ -303,6 +303,46 @@ class ParamDict(Mapping[str, Parameter]):
         out._layers = dict(self._layers)
         return out
 
+    def units(self) -> dict[str, tuple[str, tuple[int, ...] | None]]:
+        """`{unit name: (parameter name, layer index or None)}`, in this dict's order.
+
+        A stacked Parameter is one unit per (selected) layer, named as the unstacked model names
+        it (`layers/3/attn/kernel`); any other Parameter is one unit under its own name.
+        """
+        out: dict[str, tuple[str, tuple[int, ...] | None]] = {}
+        for name, p in self._params.items():
+            if not p.stacked:
+                out[name] = (name, None)
+                continue
+            mask = self._layers.get(name)
+            for index in p.slices():
+                if mask is None or mask[index]:
+                    out[p.layer_name(index)] = (name, index)
+        return out
+
+    def gather(self, values: Mapping[str, Any], base: Any) -> dict[str, Any]:
+        """Values given per unit (see `units`), gathered per Parameter.
+
+        Args:
+          values: `{unit name: value}`.
+          base: `base(parameter)` gives a stacked Parameter's array for the layers `values`
+            does not name (ones for a factor, the current values for a setting).
+
+        Returns:
+          `{parameter name: value}`: the unit's value, or an array over a stack's layers.
+        """
+        units = self.units()
+        out: dict[str, Any] = {}
+        for unit, value in values.items():
+            name, index = units[unit]
+            if index is None:
+                out[name] = value
+                continue
+            if name not in out:
+                out[name] = np.array(base(self._params[name]))
+            out[name][index] = value
+        return out
+
     def layers_of(self, name: str) -> np.ndarray | None:
         """The mask of the layers of stacked Parameter `name` this dict selects (None: all)."""
         return self._layers.get(name)

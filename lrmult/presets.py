@@ -58,44 +58,6 @@ def _check_params(params: object, where: str) -> None:
         raise TypeError(f"{where}: params must be a ParamDict, got {type(params).__name__}")
 
 
-def _units(params: ParamDict) -> dict[str, tuple[str, tuple[int, ...] | None]]:
-    """`{unit name: (parameter name, layer index or None)}`.
-
-    A stacked Parameter is one unit per (selected) layer, named as the unstacked model names it;
-    any other Parameter is one unit.
-    """
-    out: dict[str, tuple[str, tuple[int, ...] | None]] = {}
-    for name, p in params.items():
-        if not p.stacked:
-            out[name] = (name, None)
-            continue
-        mask = params.layers_of(name)
-        for index in p.slices():
-            if mask is None or mask[index]:
-                out[p.layer_name(index)] = (name, index)
-    return out
-
-
-def _by_parameter(
-    params: ParamDict, units: dict[str, tuple[str, Any]], factors: dict[str, float]
-) -> dict[str, Any]:
-    """Unit factors gathered per Parameter.
-
-    A float, or an array over a stack's layers (1 for the layers no unit names).
-    """
-    out: dict[str, Any] = {}
-    for unit, factor in factors.items():
-        name, index = units[unit]
-        if index is None:
-            out[name] = factor
-            continue
-        p = params[name]
-        if name not in out:
-            out[name] = np.ones(p.stack_shape)
-        out[name][index] = factor
-    return out
-
-
 def _compose(params: ParamDict, attr: str, factors: dict[str, Any], origin: str) -> ParamDict:
     """Multiply `attr` of each named Parameter by its factor, all checked before any change.
 
@@ -189,7 +151,7 @@ def layerwise_lr_decay(
     if layer_id is not None and not callable(layer_id):
         raise TypeError(f"{where}: layer_id must be a function name -> int, got {layer_id!r}")
 
-    units = _units(params)
+    units = params.units()
     if groups is not None:
         ids = _group_ids(params, groups)
         top = len(groups) - 1
@@ -229,7 +191,7 @@ def layerwise_lr_decay(
                 f"{where}: decay {decay!r} ** {top - ids[name]} underflows to 0 for {name!r}; "
                 f"use fewer layers or a decay closer to 1"
             )
-    factors = _by_parameter(params, units, factors)
+    factors = params.gather(factors, lambda p: np.ones(p.stack_shape))
     return _compose(params, "lr_mult", factors, "preset:layerwise_lr_decay")
 
 
@@ -241,7 +203,7 @@ def _group_ids(params: ParamDict, groups: Sequence[Pattern]) -> dict[str, int]:
         )
     owner: dict[str, int] = {}
     for i, pattern in enumerate(groups):
-        for name in _units(params.select(pattern)):
+        for name in params.select(pattern).units():
             if name in owner:
                 raise ValueError(
                     f"layerwise_lr_decay: parameter {name!r} is matched by group "
@@ -249,7 +211,7 @@ def _group_ids(params: ParamDict, groups: Sequence[Pattern]) -> dict[str, int]:
                     f"({_show(pattern)}); make the patterns disjoint (end them with '/')"
                 )
             owner[name] = i
-    return {name: owner[name] for name in _units(params) if name in owner}
+    return {name: owner[name] for name in params.units() if name in owner}
 
 
 def no_decay(
@@ -285,7 +247,7 @@ def no_decay(
     for arg, value in (("by_rank", by_rank), ("mxnet", mxnet)):
         if not isinstance(value, bool):
             raise TypeError(f"no_decay: {arg} must be True or False, got {value!r}")
-    units = _units(params)
+    units = params.units()
     if mxnet:
         chosen = [n for n in units if not _MXNET_DECAYED.search(n)]
     else:
@@ -301,7 +263,7 @@ def no_decay(
     if not chosen:
         rule = "ends in weight/gamma/kernel" if mxnet else "is chosen by rank or names"
         raise ValueError(f"no_decay: every parameter {rule}; nothing would change")
-    factors = _by_parameter(params, units, dict.fromkeys(chosen, 0.0))
+    factors = params.gather(dict.fromkeys(chosen, 0.0), lambda p: np.ones(p.stack_shape))
     return _compose(params, "wd_mult", factors, "preset:no_decay")
 
 

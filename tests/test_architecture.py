@@ -68,6 +68,7 @@ def test_imports_run_top_down():
         "optimizers",
         "trainer",
         "presets",
+        "rules",
         "flax_interop",
     ]
     edges = _imports()
