@@ -1,4 +1,9 @@
-"""The four scenarios of SEEDS.md, each with independently derived numbers."""
+"""Four scenarios, each with independently derived numbers.
+
+A. Chainer's per-parameter update rules on an XOR MLP. B. PyTorch's param_groups on two scalars.
+C. One trainer for a shared trunk and several heads. D. MXNet's set_lr_mult and Gluon's setattr on
+ParamDicts merged into one trainer.
+"""
 
 import jax
 import jax.numpy as jnp
