@@ -31,6 +31,38 @@ def is_masked(x: Any) -> bool:
     return isinstance(x, optax.MaskedNode)
 
 
+class Rows:
+    """Some layers of a stacked leaf, gathered: one group of rows of its flattened stacked axes.
+
+    A stacked leaf with some layers frozen (or layers that joined training at different steps)
+    stands in an optimizer state as `{label: Rows(...)}`, one group per label, frozen rows in
+    none: they hold no state and take no step. `rows` and `total` are static.
+    """
+
+    __slots__ = ("value", "rows", "total")
+
+    def __init__(self, value: Any, rows: tuple[int, ...], total: int) -> None:
+        self.value = value
+        self.rows = rows
+        self.total = total
+
+    def __repr__(self) -> str:
+        return f"Rows({list(self.rows)} of {self.total}, {self.value!r})"
+
+
+jax.tree_util.register_pytree_with_keys(
+    Rows,
+    lambda r: (((jax.tree_util.GetAttrKey("value"), r.value),), (r.rows, r.total)),
+    lambda aux, children: Rows(children[0], *aux),
+    flatten_func=lambda r: ((r.value,), (r.rows, r.total)),
+)
+
+
+def is_position(x: Any) -> bool:
+    """Whether `x` is one position of a state's per-leaf trees: a MaskedNode or a `Rows`."""
+    return isinstance(x, (optax.MaskedNode, Rows))
+
+
 class Leaf(NamedTuple):
     """Where a leaf stands for the lookup chain."""
 
@@ -47,9 +79,13 @@ def leaves_of(tree: Any, param_dict: Mapping[str, Any] | None, idx2name: Mapping
     ParamDict's order is the one users count in), else its position in `tree`; its name is
     `idx2name[index]` if given, else its path name.
     """
-    flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_masked)[0]
-    paths = [path_name(path) for path, _ in flat]
-    shapes = [() if is_masked(leaf) else tuple(np.shape(leaf)) for _, leaf in flat]
+    flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_position)[0]
+    # A group of rows is named by its leaf: its path ends with the group's label.
+    paths = [path_name(path[:-1] if isinstance(x, Rows) else path) for path, x in flat]
+    shapes = [
+        () if is_masked(x) else tuple(np.shape(x.value if isinstance(x, Rows) else x))
+        for _, x in flat
+    ]
     return leaves_named(paths, shapes, param_dict, idx2name)
 
 
@@ -234,9 +270,19 @@ def check_overrides_against(
         check_can_act(attr, key, _param(param_dict, name), name)
 
 
-def frozen_mask(leaves: list[Leaf], param_dict: Mapping[str, Any] | None) -> tuple[bool, ...]:
-    """Whether each leaf is frozen, through the chain (only a Parameter can freeze a leaf)."""
-    return tuple(bool(v) for v, _ in resolve("frozen", leaves, param_dict))
+def frozen_mask(
+    leaves: list[Leaf], param_dict: Mapping[str, Any] | None
+) -> tuple[bool | tuple[bool, ...], ...]:
+    """Whether each leaf is frozen, through the chain (only a Parameter can freeze a leaf).
+
+    A stacked leaf with some layers frozen gives a tuple of flags over its layers (flattened).
+    """
+    out: list[bool | tuple[bool, ...]] = []
+    for leaf, (v, _) in zip(leaves, resolve("frozen", leaves, param_dict), strict=True):
+        param = _param(param_dict, leaf.name)
+        layers = None if param is None else param.frozen_layers
+        out.append(bool(v) if layers is None else tuple(bool(x) for x in layers.ravel()))
+    return tuple(out)
 
 
 def shadowed(
@@ -299,7 +345,10 @@ def multiplier_values(
     for leaf, (v, _), fz in zip(leaves, values, frozen, strict=True):
         param = _param(param_dict, leaf.name)
         shape = param.stack_shape if param is not None else ()
-        v = 0.0 if fz else v
+        if isinstance(fz, tuple):  # frozen layers take no step
+            v = np.where(np.reshape(fz, shape), 0.0, np.broadcast_to(v, shape))
+        elif fz:
+            v = 0.0
         out.append(np.broadcast_to(np.asarray(v, np.float64), shape or np.shape(v)) if shape else v)
     return out
 

@@ -134,25 +134,24 @@ def check_multiplier(
     return value
 
 
-def check_frozen(value: Any, name: str | None, value_shape: Any = None, stacked: int = 0) -> bool:
-    """Validate a frozen flag: True or False (NumPy bools too), or a uniform bool array.
+def check_frozen(
+    value: Any, name: str | None, value_shape: Any = None, stacked: int = 0
+) -> bool | np.ndarray:
+    """Validate a frozen flag: True or False (NumPy bools too), or a bool array over layers.
 
-    A bool array shaped like the leading axes of the value is accepted when all its entries are
-    equal (the whole leaf is frozen or trainable); a mix is refused: per-layer freezing inside
-    one stacked leaf is not supported yet.
+    A bool array shaped like the leading (stacked-layer) axes freezes those layers; one whose
+    entries are all equal is the plain flag.
     """
     if _is_array_like(value):
         arr = np.asarray(value)
         if arr.dtype != np.bool_:
             raise ValueError(f"{_describe(name)}: frozen must hold bools, got dtype {arr.dtype}")
         _check_prefix("frozen", tuple(arr.shape), value_shape, name, stacked)
-        if arr.size and arr.all() != arr.any():
-            raise ValueError(
-                f"{_describe(name)}: freezing some layers of one stacked leaf is not supported "
-                f"yet (frozen={arr.tolist()}); set lr_mult=0 on those layers (their moments keep "
-                f"advancing, as a PyTorch group with lr 0) or freeze whole leaves"
-            )
-        return bool(arr.all()) if arr.size else False
+        if not arr.size or arr.all() == arr.any():
+            return bool(arr.all()) if arr.size else False
+        arr = arr.copy()
+        arr.flags.writeable = False
+        return arr
     if not isinstance(value, (bool, np.bool_)):
         raise ValueError(
             f"{_describe(name)}: frozen must be True or False, got {value!r} "
@@ -419,8 +418,19 @@ class Parameter:
 
     @property
     def frozen(self) -> bool:
-        """Whether the parameter is excluded from training (False when unset)."""
+        """Whether the whole parameter is excluded from training (False when unset).
+
+        A stacked Parameter with some layers frozen reads False here: it is still trained (its
+        gradient is computed); `frozen_layers` says which layers are frozen.
+        """
+        if isinstance(self._frozen, np.ndarray):
+            return False
         return bool(self._frozen)
+
+    @property
+    def frozen_layers(self) -> np.ndarray | None:
+        """The frozen mask over the stacked layers when only some are frozen, else None."""
+        return self._frozen if isinstance(self._frozen, np.ndarray) else None
 
     @frozen.setter
     def frozen(self, value: bool | None) -> None:
@@ -505,7 +515,11 @@ class Parameter:
             return arr
 
         self._lr_mult, self._wd_mult = back(raw["lr_mult"]), back(raw["wd_mult"])
-        self._frozen = raw["frozen"]
+        frozen = raw["frozen"]
+        if isinstance(frozen, list):
+            frozen = np.asarray(frozen, bool)
+            frozen.flags.writeable = False
+        self._frozen = frozen
         self._origin = dict(raw.get("origin", {}))
         self._noted("metadata")
 

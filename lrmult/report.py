@@ -16,7 +16,7 @@ import optax
 
 from lrmult import lookup
 from lrmult.display import Table
-from lrmult.lookup import Leaf, is_masked
+from lrmult.lookup import Leaf, Rows, is_masked
 from lrmult.resync import bound_param_dict, find, host_value
 from lrmult.transforms import MultState, flatten
 
@@ -68,19 +68,25 @@ def rows(
         slices = [()]
         if param is not None:
             slices = param.slices(np.shape(m) or np.shape(d)) or [()]
+        layers = None if param is None else param.frozen_layers
         for index in slices:
             mi = float(np.asarray(m)[index]) if np.ndim(m) else m
             di = float(np.asarray(d)[index]) if np.ndim(d) else d
+            fi = bool(layers[index]) if layers is not None and index else fz
             name = param.layer_name(index) if index else leaf.name
-            lr = 0.0 if fz else base_lr * mi
-            wd = 0.0 if fz else base_wd * di
+            lr = 0.0 if fi else base_lr * mi
+            wd = 0.0 if fi else base_wd * di
             row_shape = shape[len(index) :]
-            out.append(ExplainRow(leaf.index, name, row_shape, mi, di, fz, lr, wd, ms, ds, fs))
+            out.append(ExplainRow(leaf.index, name, row_shape, mi, di, fi, lr, wd, ms, ds, fs))
     return sorted(out, key=lambda r: r.index)
 
 
 def _differs(held: Any, resolved: Any) -> bool:
-    return bool(np.any(np.asarray(held, np.float32) != np.asarray(resolved, np.float32)))
+    """Whether a held multiplier differs from the chain's (nan: a layer no group holds)."""
+    held = np.asarray(held, np.float64)
+    resolved = np.broadcast_to(np.asarray(resolved, np.float64), held.shape)
+    known = ~np.isnan(held)
+    return bool(np.any(held[known].astype(np.float32) != resolved[known].astype(np.float32)))
 
 
 def table(row_list: list[ExplainRow], who: str, base_lr: float, base_wd: float) -> Table:
@@ -145,8 +151,9 @@ def explain(
             zip(_applied(lr_node, param_dict, n), _applied(wd_node, param_dict, n), strict=True)
         )
     )
+    named = list({leaf.name: leaf for leaf in reversed(leaves)}.values())[::-1]  # groups: once
     row_list = rows(
-        leaves, param_dict, dict(lr_node.spec.overrides), _overrides(wd_node), base, base_wd, held
+        named, param_dict, dict(lr_node.spec.overrides), _overrides(wd_node), base, base_wd, held
     )
     stale = [r.name for r in row_list if "state" in (r.lr_source, r.wd_source)]
     if stale and param_dict is not None:
@@ -163,11 +170,20 @@ def _overrides(node: MultState | None) -> dict | None:
 
 
 def _applied(node: MultState | None, param_dict: Any, n: int) -> list[Any]:
-    """The multipliers a state holds, in the rows' index order (None where frozen or absent)."""
+    """The multipliers a state holds, in the rows' index order (None where frozen or absent).
+
+    A leaf held in groups of layers gives one array over its layers, nan where no group holds it.
+    """
     if node is None:
         return [None] * n
-    values = dict.fromkeys(range(n))
+    values: dict[int, Any] = dict.fromkeys(range(n))
     flat = flatten(node.live_values())[0]
     for leaf, x in zip(node.spec.leaves_for(param_dict), flat, strict=True):
-        values[leaf.index] = None if is_masked(x) else host_value(x)
+        if isinstance(x, Rows):
+            held = values[leaf.index]
+            if held is None:
+                held = values[leaf.index] = np.full(x.total, np.nan)
+            held[list(x.rows)] = np.asarray(host_value(x.value)).reshape(-1)
+        elif not is_masked(x):
+            values[leaf.index] = host_value(x)
     return [values[i] for i in sorted(values)]

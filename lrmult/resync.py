@@ -18,12 +18,13 @@ import numpy as np
 import optax
 
 from lrmult import lookup
-from lrmult.lookup import is_masked
+from lrmult.lookup import Rows, is_masked, is_position
 from lrmult.transforms import (
     CohortState,
     MultState,
     TrainableState,
     check_param_dict,
+    layer_labels,
     members,
 )
 
@@ -44,21 +45,42 @@ def host_value(x: jax.Array) -> Any:
     return float(value) if value.ndim == 0 else value
 
 
-def carry_over(source: Mapping[str, Any], new: Any) -> Any:
-    """`new`, with each array taken from `source` (keyed by `keystr` path) where one is alike."""
+def _alike(y: Any, x: Any) -> bool:
+    return y is not None and np.shape(y) == np.shape(x) and jnp.result_type(y) == jnp.result_type(x)
+
+
+def carry_over(
+    source: Mapping[str, Any], new: Any, groups: Mapping[str, Rows] | None = None
+) -> Any:
+    """`new`, with each array taken from `source` (keyed by `keystr` path) where one is alike.
+
+    Args:
+      source: `{keystr(path): array}` of the old state (`by_path`).
+      new: the state to fill.
+      groups: `{keystr(path): Rows}` of the old state's groups of layers: a group of `new` that
+        keeps some of an old group's rows takes those rows of it.
+    """
 
     def pick(path, x):
-        y = source.get(jax.tree_util.keystr(path))
-        if (
-            y is not None
-            and not is_masked(x)
-            and np.shape(y) == np.shape(x)
-            and jnp.result_type(y) == jnp.result_type(x)
-        ):
-            return y
-        return x
+        key = jax.tree_util.keystr(path)
+        if isinstance(x, Rows):
+            old = (groups or {}).get(key)
+            if old is not None and set(x.rows) <= set(old.rows):
+                kept = old.value[np.array([old.rows.index(r) for r in x.rows])]
+                if _alike(kept, x.value):
+                    return Rows(kept, x.rows, x.total)
+            y = source.get(key + ".value")
+            return Rows(y, x.rows, x.total) if _alike(y, x.value) else x
+        y = source.get(key)
+        return y if not is_masked(x) and _alike(y, x) else x
 
-    return jax.tree_util.tree_map_with_path(pick, new, is_leaf=is_masked)
+    return jax.tree_util.tree_map_with_path(pick, new, is_leaf=is_position)
+
+
+def groups_by_path(tree: Any) -> dict[str, Rows]:
+    """`{keystr(path): Rows}` of a state's groups of layers."""
+    flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: isinstance(x, Rows))[0]
+    return {jax.tree_util.keystr(p): x for p, x in flat if isinstance(x, Rows)}
 
 
 def by_path(tree: Any) -> dict[str, Any]:
@@ -68,15 +90,19 @@ def by_path(tree: Any) -> dict[str, Any]:
     }
 
 
-def _next_cohorts(old: tuple[int, ...], frozen: tuple[bool, ...]) -> tuple[int, ...]:
-    """Cohort labels for a new frozen set.
+def _next_cohorts(old: CohortState, new: CohortState) -> tuple[int, ...]:
+    """Cohort labels for a new frozen set, by each position's key path.
 
-    Leaves that stay trainable keep their cohort; leaves that become trainable form a new one.
+    Positions (leaves, groups of layers) that stay trainable keep their cohort; positions that
+    become trainable form one new cohort.
     """
-    new_label = max(old, default=-1) + 1
-    return tuple(
-        -1 if fz else (c if c >= 0 else new_label) for c, fz in zip(old, frozen, strict=True)
-    )
+    before = dict(zip(old.spec.paths, old.spec.cohorts, strict=True))
+    new_label = max(old.spec.cohorts, default=-1) + 1
+    out = []
+    for path, c in zip(new.spec.paths, new.spec.cohorts, strict=True):
+        kept = before.get(path, -1)
+        out.append(-1 if c < 0 else (kept if kept >= 0 else new_label))
+    return tuple(out)
 
 
 def _regroup(fresh: Any, old_state: Any, params: Any) -> Any:
@@ -89,10 +115,9 @@ def _regroup(fresh: Any, old_state: Any, params: Any) -> Any:
         if not isinstance(node, CohortState):
             return node
         old = old_nodes.get(jax.tree_util.keystr(path))
-        if old is None or len(old.spec.cohorts) != len(node.spec.cohorts):
+        if old is None:
             return node
-        frozen = tuple(c < 0 for c in node.spec.cohorts)
-        cohorts = _next_cohorts(old.spec.cohorts, frozen)
+        cohorts = _next_cohorts(old, node)
         spec = replace(node.spec, cohorts=cohorts)
         labels = sorted({c for c in cohorts if c >= 0})
         return CohortState({c: spec.init(members(params, cohorts, c)) for c in labels}, spec)
@@ -108,17 +133,24 @@ def _restructure(state: TrainableState, param_dict: Any) -> TrainableState:
     frozen = lookup.frozen_mask(list(spec.leaves), param_dict)
     if frozen == spec.frozen:
         return state
+    new_label = 1 + max((max(lab) for lab in spec.labels if lab), default=0)
+    labels = tuple(
+        layer_labels(fz, lab, new_label)
+        for fz, lab in zip(frozen, spec.labels or [None] * len(frozen), strict=True)
+    )
     values = []
     for leaf, dtype, fz in zip(spec.leaves, spec.dtypes, frozen, strict=True):
-        if fz:
+        if fz is True:
             values.append(optax.MaskedNode())
         elif param_dict is not None and leaf.name in param_dict:
             values.append(param_dict[leaf.name].peek())
         else:
             values.append(jnp.zeros(leaf.shape, dtype))
-    params = spec.treedef.unflatten(values)  # already masked: MaskedNode where frozen
+    new_spec = replace(spec, frozen=frozen, labels=labels)
+    params = new_spec.grouped(spec.treedef.unflatten(values))  # MaskedNode where frozen
     fresh = _regroup(spec.init(params), state.inner, params)
-    return TrainableState(carry_over(by_path(state.inner), fresh), replace(spec, frozen=frozen))
+    carried = carry_over(by_path(state.inner), fresh, groups_by_path(state.inner))
+    return TrainableState(carried, new_spec)
 
 
 def refresh_state(

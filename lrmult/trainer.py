@@ -23,7 +23,7 @@ from lrmult.optimizers import OPTIMIZERS, check_hyperparameter, check_learning_r
 from lrmult.paramdict import ParamDict
 from lrmult.parameter import ChangeLog, Parameter
 from lrmult.resync import by_path, carry_over, host_value, refresh_state
-from lrmult.transforms import MultState, place_like
+from lrmult.transforms import MultState, place_like, zero_frozen_layers
 
 _FROZEN = optax.MaskedNode()
 _TRAINER_FORMAT = "lrmult-trainer-1"
@@ -561,6 +561,7 @@ class Trainer:
         return new, _split_state(new_state)[1], finite
 
     def _update_state(self, grads, opt_state, trainable):
+        grads = zero_frozen_layers(grads, opt_state)  # before any clipping
         updates, new_state = self._tx.update(grads, opt_state, trainable)
         new = optax.apply_updates(trainable, updates)
         if not self._check_finite:

@@ -27,12 +27,25 @@ import optax
 
 from lrmult import flax_trees, lookup
 from lrmult.binding import Binding, binder
-from lrmult.lookup import Leaf, is_masked
+from lrmult.lookup import Leaf, Rows, is_masked, is_position
 
 
 def flatten(tree: Any) -> tuple[list[Any], Any]:
-    """`jax.tree.flatten` keeping `optax.MaskedNode` (a frozen leaf) as a leaf."""
-    return jax.tree.flatten(tree, is_leaf=is_masked)
+    """`jax.tree.flatten` down to positions: arrays, MaskedNodes (frozen) and `Rows` groups."""
+    return jax.tree.flatten(tree, is_leaf=is_position)
+
+
+def _at(value: Any, x: Any) -> Any:
+    """A leaf's multiplier as position `x` holds it: the group's rows for a `Rows` position."""
+    if isinstance(x, Rows):
+        return np.broadcast_to(np.asarray(value), (x.total,))[list(x.rows)]
+    return value
+
+
+def _place_at(value: Any, x: Any) -> Any:
+    if isinstance(x, Rows):
+        return Rows(place_like(_at(value, x), x.value), x.rows, x.total)
+    return place_like(value, x)
 
 
 def check_param_dict(param_dict: Any, where: str) -> None:
@@ -127,15 +140,15 @@ class MultState:
         overrides = dict(spec.overrides) if overrides is None else overrides
         lookup.warn_shadowed(spec.attr, overrides, leaves, param_dict)
         flat, treedef = flatten(self.values)
-        arrays = [x for x in flat if not is_masked(x)]
+        arrays = [x.value if isinstance(x, Rows) else x for x in flat if not is_masked(x)]
         old = iter(jax.device_get([x.addressable_data(0) for x in arrays]))  # one transfer
         values = lookup.multiplier_values(spec.attr, leaves, param_dict, overrides)
         out, changed = [], False
         for x, v in zip(flat, values, strict=True):
             if not is_masked(x) and not np.array_equal(
-                np.asarray(next(old), np.float32), np.asarray(v, np.float32)
+                np.asarray(next(old), np.float32), np.asarray(_at(v, x), np.float32)
             ):
-                x, changed = place_like(v, x), True
+                x, changed = _place_at(v, x), True
             out.append(x)
         return MultState(treedef.unflatten(out), spec) if changed else self
 
@@ -202,9 +215,7 @@ def _multiplier_init(
         )
         flat, treedef = flatten(params)
         values = lookup.multiplier_values(attr, leaves, param_dict, overrides)
-        placed = [
-            x if is_masked(x) else place_like(v, x) for x, v in zip(flat, values, strict=True)
-        ]
+        placed = [x if is_masked(x) else _place_at(v, x) for x, v in zip(flat, values, strict=True)]
         return MultState(treedef.unflatten(placed), spec)
 
     return init
@@ -329,10 +340,12 @@ class CohortSpec:
     Attributes:
       cohorts: each params position's cohort label (-1: frozen).
       init: the inner transformation's `init`, to give a new cohort fresh state.
+      paths: each position's key path (`keystr`), by which a refresh keeps cohorts.
     """
 
     cohorts: tuple[int, ...]
     init: Callable[[Any], Any]
+    paths: tuple[str, ...] = ()
 
 
 class CohortState(NamedTuple):
@@ -368,9 +381,11 @@ def per_leaf(inner: optax.GradientTransformation) -> optax.GradientTransformatio
 
     def init_fn(params):
         params = flax_trees.unbox_variables(params, is_masked)
-        cohorts = tuple(-1 if is_masked(x) else 0 for x in flatten(params)[0])
+        flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_position)[0]
+        cohorts = tuple(-1 if is_masked(x) else 0 for _, x in flat)
+        paths = tuple(jax.tree_util.keystr(p) for p, _ in flat)
         states = {0: inner.init(params)} if 0 in cohorts else {}
-        return CohortState(states, CohortSpec(cohorts, inner.init))
+        return CohortState(states, CohortSpec(cohorts, inner.init, paths))
 
     def update_fn(updates, state, params=None):
         cohorts = state.spec.cohorts
@@ -400,20 +415,26 @@ class MaskSpec:
     """Static data of a `TrainableState`: the frozen mask and how to build state for a new one.
 
     Attributes:
-      frozen: whether each params position is frozen.
+      frozen: whether each params position is frozen (a tuple of flags over the flattened
+        layers of a stacked leaf with some layers frozen).
       leaves: the leaves of the tree given to `init`.
       dtypes: each leaf's dtype name ('' where `init` saw a MaskedNode).
       treedef: the params' structure (MaskedNode kept as a leaf).
       init: the inner chain's `init`.
       binding: the live link to the ParamDict the state tracks, or None.
+      labels: for a leaf whose layers train in groups, each layer's group label (-1: frozen;
+        layers that joined training together share a label); None for a whole leaf.
+      stacks: each leaf's number of stacked axes (its layers are the rows of those axes).
     """
 
-    frozen: tuple[bool, ...]
+    frozen: tuple[bool | tuple[bool, ...], ...]
     leaves: tuple[Leaf, ...]
     dtypes: tuple[str, ...]
     treedef: Any
     init: Callable[[Any], Any]
     binding: Binding | None = None
+    labels: tuple[tuple[int, ...] | None, ...] = ()
+    stacks: tuple[int, ...] = ()
 
     def frozen_now(self) -> tuple[bool, ...]:
         """The frozen set the ParamDict says now (the one the state was built for if unbound)."""
@@ -432,20 +453,119 @@ class MaskSpec:
         now = self.frozen_now()
         if now == self.frozen:
             return
-        leaf, was = next(
-            (lf, f) for lf, f, n in zip(self.leaves, self.frozen, now, strict=True) if f != n
+        leaf, was, new = next(
+            (lf, f, n) for lf, f, n in zip(self.leaves, self.frozen, now, strict=True) if f != n
         )
+
+        def says(flag: Any) -> str:
+            if isinstance(flag, tuple):
+                return f"frozen in layers {[i for i, f in enumerate(flag) if f]}"
+            return "frozen" if flag else "trainable"
+
         raise ValueError(
-            f"parameter {leaf.name!r} was {'frozen' if was else 'trainable'} when this optimizer "
-            f"state was built and is {'trainable' if was else 'frozen'} now: the state's "
+            f"parameter {leaf.name!r} was {says(was)} when this optimizer state was built and is "
+            f"{says(new)} now: the state's "
             f"structure must change, so nothing was updated. Call "
             f"opt_state = lrmult.refresh(opt_state, param_dict) (nnx.Optimizer: "
             f"lrmult.refresh_optimizer(optimizer, param_dict)) before the next update"
         )
 
     def mask(self) -> Any:
-        """The trainable mask as a tree (optax.masked's `mask`)."""
-        return self.treedef.unflatten([not fz for fz in self.frozen])
+        """The trainable mask as a tree (optax.masked's `mask`); a leaf in groups is trainable."""
+        return self.treedef.unflatten([fz is not True for fz in self.frozen])
+
+    def _per_leaf(self, n: int) -> tuple[list[Any], list[int]]:
+        labels = list(self.labels) if self.labels else [None] * n
+        stacks = list(self.stacks) if self.stacks else [0] * n
+        return labels, stacks
+
+    def grouped(self, tree: Any) -> Any:
+        """`tree` (params or updates) as the inner chain sees it.
+
+        A leaf whose layers train in groups becomes `{label: Rows(its rows)}`, frozen layers in
+        no group; every other leaf stays as it is.
+        """
+        flat = self.treedef.flatten_up_to(tree)
+        labels, stacks = self._per_leaf(len(flat))
+        out = []
+        for x, lab, stack in zip(flat, labels, stacks, strict=True):
+            if lab is None or is_masked(x):
+                out.append(x)
+                continue
+            rows = x.reshape((len(lab), *x.shape[stack:]))
+            out.append({k: Rows(rows[np.array(m)], m, len(lab)) for k, m in _groups(lab).items()})
+        return self.treedef.unflatten(out)
+
+    def ungrouped(self, tree: Any, like: Any) -> Any:
+        """`grouped`'s inverse for updates: groups scattered back, zeros in frozen layers.
+
+        Args:
+          tree: the inner chain's updates, grouped.
+          like: the updates given to the chain (each leaf's shape and dtype).
+        """
+        flat = self.treedef.flatten_up_to(tree)
+        like_flat = self.treedef.flatten_up_to(like)
+        labels, stacks = self._per_leaf(len(flat))
+        out = []
+        for x, ref, lab, stack in zip(flat, like_flat, labels, stacks, strict=True):
+            if lab is None or is_masked(ref):
+                out.append(x)
+                continue
+            full = jnp.zeros((len(lab), *ref.shape[stack:]), ref.dtype)
+            for group in x.values():
+                full = full.at[np.array(group.rows)].set(group.value.astype(ref.dtype))
+            out.append(full.reshape(ref.shape))
+        return self.treedef.unflatten(out)
+
+
+def zero_frozen_layers(updates: Any, state: Any) -> Any:
+    """`updates` with the frozen layers of stacked leaves zeroed (per `state`'s frozen masks).
+
+    A Trainer calls it on the gradients before clipping, so frozen layers take no part in the
+    global norm, as frozen leaves take none.
+    """
+    nodes = jax.tree_util.tree_flatten(state, is_leaf=lambda x: isinstance(x, TrainableState))[0]
+    for node in nodes:
+        if not isinstance(node, TrainableState):
+            continue
+        spec = node.spec
+        if not any(isinstance(fz, tuple) for fz in spec.frozen):
+            return updates
+        flat = spec.treedef.flatten_up_to(updates)
+        out = []
+        for g, fz, stack in zip(flat, spec.frozen, spec.stacks or [0] * len(flat), strict=True):
+            if isinstance(fz, tuple) and not is_masked(g):
+                keep = jnp.asarray(~np.array(fz)).reshape(g.shape[:stack] + (1,) * (g.ndim - stack))
+                g = jnp.where(keep, g, jnp.zeros_like(g))
+            out.append(g)
+        return spec.treedef.unflatten(out)
+    return updates
+
+
+def _groups(labels: tuple[int, ...]) -> dict[int, tuple[int, ...]]:
+    """`{label: the rows with that label}` of a leaf's layers (-1, frozen, in none)."""
+    out: dict[int, list[int]] = {}
+    for row, label in enumerate(labels):
+        if label >= 0:
+            out.setdefault(label, []).append(row)
+    return {k: tuple(v) for k, v in sorted(out.items())}
+
+
+def layer_labels(frozen: Any, previous: tuple[int, ...] | None, new_label: int) -> Any:
+    """A leaf's group labels for its frozen flags: None for a whole leaf, else per layer.
+
+    Args:
+      frozen: the leaf's flag, or a tuple of flags over its layers.
+      previous: its labels before (None: it was a whole leaf, all layers in group 0 if trained).
+      new_label: the label of layers that join training now.
+    """
+    if not isinstance(frozen, tuple):
+        if previous is None or frozen:
+            return None
+        frozen = (False,) * len(previous)  # wholly trainable again: its groups stay
+    old = previous if previous is not None else (0,) * len(frozen)
+    pairs = zip(old, frozen, strict=True)
+    return tuple(-1 if f else (o if o >= 0 else new_label) for o, f in pairs)
 
 
 class TrainableState:
@@ -458,7 +578,8 @@ class TrainableState:
         self.spec = spec
 
     def __repr__(self) -> str:
-        return f"TrainableState(frozen={sum(self.spec.frozen)}, inner={self.inner!r})"
+        frozen = sum(fz is True for fz in self.spec.frozen)
+        return f"TrainableState(frozen={frozen}, inner={self.inner!r})"
 
 
 def _flatten_trainable(s: TrainableState, with_keys: bool) -> tuple:
@@ -503,7 +624,13 @@ def _mask_spec(params: Any, param_dict: Any, idx2name: Any, init: Callable, bind
     frozen = lookup.frozen_mask(leaves, param_dict)
     flat, treedef = flatten(params)
     dtypes = tuple("" if is_masked(x) else str(jnp.result_type(x)) for x in flat)
-    return MaskSpec(tuple(frozen), tuple(leaves), dtypes, treedef, init, bind(tuple(leaves)))
+    labels = tuple(layer_labels(fz, None, 0) for fz in frozen)
+    stacks = tuple(
+        param_dict[leaf.name].stacked if param_dict is not None and leaf.name in param_dict else 0
+        for leaf in leaves
+    )
+    binding = bind(tuple(leaves))
+    return MaskSpec(tuple(frozen), tuple(leaves), dtypes, treedef, init, binding, labels, stacks)
 
 
 def trainable_only(
@@ -530,17 +657,23 @@ def trainable_only(
     def init_fn(params):
         params = flax_trees.unbox_variables(params, is_masked)
         spec = _mask_spec(params, param_dict, idx2name, inner.init, bind)
-        return TrainableState(optax.masked(inner, spec.mask()).init(params).inner_state, spec)
+        grouped = spec.grouped(params)
+        return TrainableState(optax.masked(inner, spec.mask()).init(grouped).inner_state, spec)
 
     def update_fn(updates, state, params=None, **extra_args):
         spec = state.spec
         spec.check_fresh()
         _check_matches(updates, spec)
         masked = optax.masked(inner, spec.mask())
-        out, new = masked.update(updates, optax.MaskedState(state.inner), params, **extra_args)
-        flat, treedef = flatten(out)
+        out, new = masked.update(
+            spec.grouped(updates),
+            optax.MaskedState(state.inner),
+            None if params is None else spec.grouped(params),
+            **extra_args,
+        )
+        flat, treedef = jax.tree.flatten(spec.ungrouped(out, updates), is_leaf=is_masked)
         zeroed = [
-            jnp.zeros_like(x) if fz and not is_masked(x) else x
+            jnp.zeros_like(x) if fz is True and not is_masked(x) else x
             for x, fz in zip(flat, spec.frozen, strict=True)
         ]
         return treedef.unflatten(zeroed), TrainableState(new.inner_state, spec)

@@ -9,6 +9,7 @@ from test_numerics import CASES, TorchRef
 
 import lrmult
 from lrmult import ParamDict, Trainer
+from lrmult.lookup import Rows
 
 L, D = 4, 3
 RNG = np.random.default_rng(0)
@@ -133,9 +134,111 @@ def test_stack_errors_name_the_parameter_and_both_shapes():
         pd["layers/w"].wd_mult = np.array([1.0, -1.0, 0.0, 0.0])
     with pytest.raises(ValueError, match="prefix of no parameter name"):
         ParamDict.from_pytree({"layers": {"w": jnp.ones((L, 2))}}, stacked={"blocks": 1})
-    with pytest.raises(ValueError, match="not supported yet"):
-        pd.select("layers/0/").setattr("frozen", True)
+    with pytest.raises(ValueError, match="frozen must hold bools"):
+        pd["layers/w"].frozen = np.array([1.0, 0.0, 0.0, 0.0])
     assert pd["layers/w"].frozen is False and pd["layers/w"].lr_mult == 1.0  # nothing changed
+
+
+def torch_frozen_then_unfrozen(case, steps, frozen_layers, unfreeze_at):
+    """PyTorch with requires_grad=False on `frozen_layers` until step `unfreeze_at`: those layers
+    keep no state, then start fresh (their own step count)."""
+    ref = TorchRef(CASES[case].hp)
+    hp = ref.hp
+    layers = [[KERNEL[i].astype(np.float64), BIAS[i].astype(np.float64)] for i in range(L)]
+    states = [[{}, {}] for _ in range(L)]
+    for t in range(steps):
+        params32 = [(jnp.float32(k), jnp.float32(b)) for k, b in layers]
+        grads = _unstacked_grad(params32, X, Y)
+        for i in range(L):
+            if i in frozen_layers and t < unfreeze_at:
+                continue
+            lr, wd = hp["lr"] * LR_MULT[i], hp["wd"] * WD_MULT[i]
+            for j in range(2):
+                step = ref._sgd if hp["kind"] == "sgd" else ref._adam
+                g = np.asarray(grads[i][j], np.float64)
+                layers[i][j] = step(layers[i][j], g, lr, wd, states[i][j])
+    return np.stack([k for k, _ in layers]), np.stack([b for _, b in layers])
+
+
+@pytest.mark.parametrize("case", ["sgd_momentum", "adam_l2", "adamw"])
+@pytest.mark.parametrize("driver", ["trainer", "optax"])
+def test_frozen_layers_then_unfrozen_equal_torch_requires_grad(case, driver, compiles):
+    tree, pd = stacked_params()
+    pd.select("layers/[0-1]/").setattr("frozen", True)
+    frozen_rows = np.array([True, True, False, False])
+    np.testing.assert_array_equal(pd["layers/kernel"].frozen_layers, frozen_rows)
+    if driver == "trainer":
+        name, opts = CASES[case].trainer
+        trainer = Trainer(pd, name, opts)
+
+        def run(n):
+            for _ in range(n):
+                trainer.train_step(stacked_loss, X, Y)
+
+        def unfreeze():
+            pd.select("layers/[0-1]/").setattr("frozen", False)
+
+        def state():
+            return trainer.opt_state
+
+    else:
+        tx = CASES[case].chain(pd)
+        box = {"params": tree, "state": tx.init(tree)}
+
+        @jax.jit
+        def step(params, state):
+            g = jax.grad(stacked_loss)(params, X, Y)
+            u, state = tx.update(g, state, params)
+            return optax.apply_updates(params, u), state
+
+        def run(n):
+            for _ in range(n):
+                box["params"], box["state"] = step(box["params"], box["state"])
+
+        def unfreeze():
+            pd.select("layers/[0-1]/").setattr("frozen", False)
+            with pytest.raises(ValueError, match=r"'layers/bias' was frozen in layers \[0, 1\]"):
+                step(box["params"], box["state"])
+            box["state"] = lrmult.refresh(box["state"], pd)
+
+        def state():
+            return box["state"]
+
+    run(10)
+    # frozen layers hold no state: no moments, no momentum buffer for rows 0-1
+    groups = [
+        x
+        for x in jax.tree.leaves(state(), is_leaf=lambda x: isinstance(x, Rows))
+        if isinstance(x, Rows)
+    ]
+    assert groups and all(g.rows == (2, 3) for g in groups)
+    count = compiles()
+    unfreeze()
+    run(10)
+    assert count("jit(step)") + count("lrmult_train_step") == 1  # one for the new frozen set
+    got = pd.tree()["layers"] if driver == "trainer" else box["params"]["layers"]
+    kernel, bias = torch_frozen_then_unfrozen(case, 20, {0, 1}, 10)
+    np.testing.assert_allclose(got["kernel"], kernel, rtol=2e-4, atol=2e-5)
+    np.testing.assert_allclose(got["bias"], bias, rtol=2e-4, atol=2e-5)
+
+
+def test_frozen_layers_are_left_out_of_global_norm_clipping():
+    tree, pd = stacked_params()
+    pd.setattr("lr_mult", None).setattr("wd_mult", None)
+    pd.select("layers/[0-1]/").setattr("frozen", True)
+    trainer = Trainer(pd, "sgd", {"learning_rate": 1.0, "clip_global_norm": 0.01})
+    g = jax.grad(stacked_loss)(tree, X, Y)["layers"]
+    trainable = [np.asarray(g["kernel"])[2:], np.asarray(g["bias"])[2:]]
+    norm = np.sqrt(sum(float(np.sum(x.astype(np.float64) ** 2)) for x in trainable))
+    scale = min(1.0, 0.01 / norm)
+    trainer.train_step(stacked_loss, X, Y)
+    got = pd.tree()["layers"]
+    np.testing.assert_array_equal(got["kernel"][:2], KERNEL[:2])
+    np.testing.assert_allclose(got["kernel"][2:], KERNEL[2:] - scale * trainable[0], rtol=1e-5)
+    np.testing.assert_allclose(got["bias"][2:], BIAS[2:] - scale * trainable[1], rtol=1e-5)
+    rows = {r.name: r for r in trainer.explain()}
+    assert rows["layers/0/kernel"].frozen and rows["layers/0/kernel"].lr == 0.0
+    assert not rows["layers/2/kernel"].frozen
 
 
 def test_presets_judge_stacks_by_layer():
