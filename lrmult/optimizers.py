@@ -199,6 +199,8 @@ def sgd(
         at the next update, a changed frozen set makes it raise naming `lrmult.refresh`.
     """
     _checked("sgd", learning_rate=learning_rate, momentum=momentum, nesterov=nesterov)
+    if nesterov and not _uses(momentum):  # PyTorch refuses it too: it would be plain SGD
+        raise ValueError(f"sgd: nesterov=True needs momentum > 0, got momentum={momentum!r}")
     return _ready(
         param_dict,
         idx2name,
@@ -228,6 +230,9 @@ def nag(
     track: bool = True,
 ) -> optax.GradientTransformation:
     """Nesterov accelerated SGD (MXNet's `nag`): `sgd(..., nesterov=True)`."""
+    _checked("nag", learning_rate=learning_rate, momentum=momentum)
+    if not _uses(momentum):
+        raise ValueError(f"nag: Nesterov momentum needs momentum > 0, got {momentum!r}")
     return sgd(
         learning_rate,
         momentum,

@@ -28,9 +28,9 @@ class ParamRow(NamedTuple):
     name: str
     shape: tuple[int, ...]
     dtype: str
-    lr_mult: str
-    wd_mult: str
-    frozen: str
+    lr_mult: Any
+    wd_mult: Any
+    frozen: Any
 
 
 def _is_array(x: Any) -> bool:
@@ -570,8 +570,13 @@ class ParamDict(Mapping[str, Parameter]):
     def table(self) -> Table:
         """The parameters as a table; `-` marks an attribute that is not set on the Parameter."""
 
-        def show(p: Parameter, attr: str) -> str:
-            return str(getattr(p, attr)) if p.is_set(attr) else "-"
+        def show(p: Parameter, attr: str) -> Any:
+            if not p.is_set(attr):
+                return "-"
+            value = getattr(p, attr)
+            if isinstance(value, np.ndarray):  # per layer: one entry each
+                return "[" + ", ".join(f"{v:.6g}" for v in value.ravel().tolist()) + "]"
+            return str(value)
 
         rows = [
             ParamRow(
@@ -585,7 +590,7 @@ class ParamDict(Mapping[str, Parameter]):
             )
             for i, (name, p) in enumerate(self._params.items())
         ]
-        return Table(rows, title=f"ParamDict ({len(rows)} parameters)")
+        return Table(rows, columns=ParamRow._fields, title=f"ParamDict ({len(rows)} parameters)")
 
     def __repr__(self) -> str:
         return str(self.table())

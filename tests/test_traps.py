@@ -174,3 +174,17 @@ def test_a_trainer_prints_a_summary():
     )
     assert "adam(weight_decay=0.01)" in repr(trainer)
     assert trainer._repr_html_().startswith("<table")
+
+
+def test_nesterov_without_momentum_is_refused_as_pytorch_does():
+    with pytest.raises(ValueError, match="nesterov=True needs momentum > 0"):
+        lrmult.sgd(0.1, nesterov=True)
+    with pytest.raises(ValueError, match="nag: Nesterov momentum needs momentum > 0"):
+        lrmult.nag(0.1, momentum=0)
+    with pytest.raises(ValueError, match=r"nag: momentum must be in \[0, 1\)"):
+        lrmult.nag(0.1, momentum=1.0)
+
+
+def test_an_empty_param_dict_prints_its_columns():
+    text = str(ParamDict({}))
+    assert "name" in text and "lr_mult" in text
