@@ -21,6 +21,14 @@ _PARAMS_FORMAT = "lrmult-params-1"
 _NNX_METADATA = ("lr_mult", "wd_mult", "frozen", "grad_req")
 
 
+class LoadRow(NamedTuple):
+    """One row of a `strict=False` load's report."""
+
+    name: str
+    status: str
+    reason: str
+
+
 class ParamRow(NamedTuple):
     """One row of a ParamDict's table; `-` marks an attribute not set on the Parameter."""
 
@@ -553,18 +561,63 @@ class ParamDict(Mapping[str, Parameter]):
                     f"{d['dtype']} in the checkpoint"
                 )
 
+    def match_report(self, saved: list[dict[str, Any]]) -> tuple[list[LoadRow], set[str]]:
+        """How `saved` (from `describe`) maps onto this dict, parameter by parameter, by name.
+
+        Returns:
+          `(rows, restored names)`: a row per parameter here or in `saved`, with its status
+          (`restored`, `fresh`, `reset`, `dropped`) and the reason.
+        """
+        by_name = {d["name"]: d for d in saved}
+        rows, kept = [], set()
+        for name, p in self._params.items():
+            d = by_name.get(name)
+            if d is None:
+                rows.append(LoadRow(name, "fresh", "not in the checkpoint"))
+            elif tuple(d["shape"]) != p.shape or d["dtype"] != str(p.dtype):
+                rows.append(
+                    LoadRow(
+                        name,
+                        "reset",
+                        f"saved as {tuple(d['shape'])} {d['dtype']}, now {p.shape} {p.dtype}",
+                    )
+                )
+            else:
+                rows.append(LoadRow(name, "restored", "same name, shape and dtype"))
+                kept.add(name)
+        for name in by_name:
+            if name not in self._params:
+                rows.append(LoadRow(name, "dropped", "not in this model"))
+        return rows, kept
+
     def save(self, path: str | os.PathLike) -> None:
         """Save the values with orbax (a new step in the checkpoint directory at `path`)."""
         arrays = {n: p.peek() for n, p in self._params.items()}
         checkpoint.write(path, _PARAMS_FORMAT, arrays, {"params": self.describe()})
 
-    def load(self, path: str | os.PathLike) -> None:
-        """Load the latest values saved at `path`; names, shapes and dtypes must match exactly."""
+    def load(self, path: str | os.PathLike, strict: bool = True) -> Table | None:
+        """Load the latest values saved at `path`.
+
+        Args:
+          path: the checkpoint directory.
+          strict: names, shapes and dtypes must match exactly; False loads by name what
+            matches and leaves the rest as it is.
+
+        Returns:
+          With `strict=False`, a report: one row per parameter (restored / fresh / reset /
+          dropped) with the reason.
+        """
+        if not isinstance(strict, bool):
+            raise TypeError(f"load: strict must be True or False, got {strict!r}")
         meta, arrays = checkpoint.read(path, _PARAMS_FORMAT)
-        self.check_matches(meta["params"], f"checkpoint {os.fspath(path)!r}")
+        if strict:
+            self.check_matches(meta["params"], f"checkpoint {os.fspath(path)!r}")
+        rows, kept = self.match_report(meta["params"])
         values = arrays()
         for name, p in self._params.items():
-            p.set_data(values[name])
+            if name in kept:
+                p.set_data(values[name])
+        return None if strict else Table(rows, title=f"ParamDict.load({os.fspath(path)!r})")
 
     # -- display -----------------------------------------------------------------------------------
     def table(self) -> Table:

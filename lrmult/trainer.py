@@ -81,6 +81,16 @@ class _Summary(NamedTuple):
     overrides: int
 
 
+def _known(pairs: list, kept: set[str], strict: bool) -> dict[int | str, float]:
+    """Saved override pairs; without `strict`, only name keys of parameters restored.
+
+    Indices of a model that changed do not name the same parameters.
+    """
+    if strict:
+        return {k: float(v) for k, v in pairs}
+    return {k: float(v) for k, v in pairs if isinstance(k, str) and k in kept}
+
+
 # A call site handing in this many distinct loss functions is warned about (once).
 _NEW_LOSSES_WARNED = 3
 
@@ -462,31 +472,51 @@ class Trainer:
         }
         checkpoint.write(path, _TRAINER_FORMAT, arrays, meta)
 
-    def load_states(self, path: str | os.PathLike) -> None:
+    def load_states(self, path: str | os.PathLike, strict: bool = True) -> Table | None:
         """Restore what `save_states` saved; training then continues bit for bit.
 
         The saved `lr_mult` / `wd_mult` / `frozen` (set or unset) are written back onto the
-        Parameters. A checkpoint whose parameter names, shapes or dtypes (or optimizer) differ is
-        refused, naming the first mismatch, before anything changes; a missing path is a
-        `FileNotFoundError`.
+        Parameters. With `strict=True` a checkpoint whose parameter names, shapes or dtypes (or
+        optimizer) differ is refused, naming the first mismatch, before anything changes; a
+        missing path is a `FileNotFoundError`.
+
+        Args:
+          path: the checkpoint directory.
+          strict: False restores by parameter name, for a model that changed since (a new head):
+            parameters in both with the same shape and dtype get their saved state, multipliers
+            and step count; new ones start fresh with a step count of their own; saved ones the
+            model no longer has are dropped; a shape or dtype change starts that one fresh. A
+            different optimizer is still refused.
+
+        Returns:
+          With `strict=False`, a report: one row per parameter, restored / fresh / reset /
+          dropped, with the reason (it prints, and shows as HTML in notebooks).
         """
+        if not isinstance(strict, bool):
+            raise TypeError(f"load_states: strict must be True or False, got {strict!r}")
         where = f"checkpoint {os.fspath(path)!r}"
         meta, read_arrays = checkpoint.read(path, _TRAINER_FORMAT)
-        self._params.check_matches(meta["params"], where)
+        if strict:
+            self._params.check_matches(meta["params"], where)
         if meta["optimizer"] != self._description:
             raise ValueError(
                 f"{where} was saved by a Trainer with optimizer {meta['optimizer']}; this one "
                 f"has {self._description}"
             )
-        arrays = read_arrays()
         params = dict(self._plist)
+        rows, kept = self._params.match_report(meta["params"])
+        arrays = read_arrays()
         before = {n: p.metadata() for n, p in self._plist}
         overrides = (dict(self._lr_overrides), dict(self._wd_overrides))
+        fresh = [n for n in params if n not in kept]
         try:
             for d in meta["params"]:
-                params[d["name"]].restore_metadata(d)
-            self._lr_overrides = {k: float(v) for k, v in meta["lr_overrides"]}
-            self._wd_overrides = {k: float(v) for k, v in meta["wd_overrides"]}
+                if d["name"] in kept:
+                    params[d["name"]].restore_metadata(d)
+            for n in fresh:  # kept out of the carried state, then back in as a new cohort
+                params[n].assign("frozen", True)
+            self._lr_overrides = _known(meta["lr_overrides"], kept, strict)
+            self._wd_overrides = _known(meta["wd_overrides"], kept, strict)
             self._check_trainable_dtypes()
             state = self._refreshed()
             self._opt_state = carry_over(arrays, state)
@@ -498,6 +528,9 @@ class Trainer:
         self._log.clear()
         self._inputs = None
         self._dirty = False
+        for n in fresh:  # their own frozen flags again: the next step gives them fresh state
+            params[n].restore_metadata(before[n])
+        return None if strict else Table(rows, title=f"load_states({os.fspath(path)!r})")
 
     def _refreshed(self) -> Any:
         """The optimizer state brought up to date with the Parameters and the override dicts."""

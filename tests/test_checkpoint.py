@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from conftest import step_counts
 
+import lrmult
 from lrmult import ParamDict, Trainer
 
 SETUP = textwrap.dedent(
@@ -236,3 +237,73 @@ def test_load_restores_what_a_preset_set_and_names_it(tmp_path):
     rows = {r.name: r for r in trainer2.explain()}
     assert rows["layers/0/w"].lr_source == "preset:layerwise_lr_decay"
     assert (rows["layers/0/w"].lr_mult, rows["layers/1/w"].lr_mult) == (0.25, 0.5)  # 0.5**(3-id)
+
+
+# -- strict=False: checkpoints across model changes ----------------------------------------------
+
+
+def _adam_ref(p, g, state, lr=0.01, b1=0.9, b2=0.999, eps=1e-8):
+    """PyTorch's Adam for one parameter, float64 NumPy (state created at its first step)."""
+    t = state["t"] = state.get("t", 0) + 1
+    m = state["m"] = b1 * state.get("m", 0.0) + (1 - b1) * g
+    v = state["v"] = b2 * state.get("v", 0.0) + (1 - b2) * g * g
+    return p - lr / (1 - b1**t) * m / (np.sqrt(v) / np.sqrt(1 - b2**t) + eps)
+
+
+def _model(head_shape):
+    rng = np.random.default_rng(1)
+    return {
+        "backbone": {"w": jnp.asarray(rng.normal(size=(3, 3)), jnp.float32)},
+        "head": {"w": jnp.asarray(rng.normal(size=head_shape), jnp.float32)},
+    }
+
+
+def _quad(tree):
+    """sum of squares / 2 plus a cross term: gradients w + 0.1 and head: w."""
+    return (
+        0.5 * jnp.sum(tree["backbone"]["w"] ** 2)
+        + 0.1 * jnp.sum(tree["backbone"]["w"])
+        + (0.5 * jnp.sum(tree["head"]["w"] ** 2))
+    )
+
+
+def test_strict_false_restores_by_name_and_starts_a_new_head_fresh(tmp_path):
+    pd_a = lrmult.ParamDict.from_pytree(_model((3, 2)))
+    trainer_a = lrmult.Trainer(pd_a, "adam", {"learning_rate": 0.01})
+    ref_state = {}
+    w_ref = np.asarray(pd_a["backbone/w"].data(), np.float64)
+    for _ in range(5):
+        trainer_a.train_step(_quad)
+        w_ref = _adam_ref(w_ref, w_ref + 0.1, ref_state)
+    trainer_a.save_states(tmp_path / "t")
+    backbone = pd_a["backbone/w"].data()
+
+    tree_b = _model((3, 4))  # a differently shaped head B
+    tree_b["backbone"]["w"] = backbone
+    pd_b = lrmult.ParamDict.from_pytree(tree_b)
+    trainer_b = lrmult.Trainer(pd_b, "adam", {"learning_rate": 0.01})
+    with pytest.raises(ValueError, match="does not match"):
+        trainer_b.load_states(tmp_path / "t")
+    report = trainer_b.load_states(tmp_path / "t", strict=False)
+    assert {r.name: r.status for r in report} == {"backbone/w": "restored", "head/w": "reset"}
+    assert "saved as (3, 2)" in {r.name: r.reason for r in report}["head/w"]
+    head_ref, head_state = np.asarray(tree_b["head"]["w"], np.float64), {}
+    for _ in range(5):
+        trainer_b.train_step(_quad)
+        w_ref = _adam_ref(w_ref, w_ref + 0.1, ref_state)  # moments and count carried over
+        head_ref = _adam_ref(head_ref, head_ref, head_state)  # fresh: its own count from 1
+    np.testing.assert_allclose(pd_b["backbone/w"].data(), w_ref, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(pd_b["head/w"].data(), head_ref, rtol=1e-5, atol=1e-6)
+
+
+def test_strict_false_reports_dropped_and_fresh_and_loads_values_by_name(tmp_path):
+    pd_a = lrmult.ParamDict.from_pytree(_model((3, 2)))
+    pd_a["head/w"].lr_mult = 0.5
+    pd_a.save(tmp_path / "p")
+    pd_b = lrmult.ParamDict.from_pytree({"backbone": {"w": jnp.zeros((3, 3))}, "new": jnp.ones(2)})
+    report = pd_b.load(tmp_path / "p", strict=False)
+    statuses = {r.name: r.status for r in report}
+    assert statuses == {"backbone/w": "restored", "new": "fresh", "head/w": "dropped"}
+    np.testing.assert_array_equal(pd_b["backbone/w"].data(), pd_a["backbone/w"].data())
+    np.testing.assert_array_equal(pd_b["new"].data(), np.ones(2))
+    assert "<table" in report._repr_html_() and "dropped" in str(report)
