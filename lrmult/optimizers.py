@@ -14,6 +14,7 @@ reuses the same checks for Gluon's `optimizer_params`, naming the key the user w
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -125,13 +126,53 @@ def _checked(name: str, **hyperparameters: Any) -> None:
         check_hyperparameter(arg, value, f"{name}: {arg}")
 
 
-def _ready(
-    param_dict: Any, idx2name: Any, track: bool, *links: optax.GradientTransformation | None
-) -> optax.GradientTransformation:
-    tx = optax.chain(*(link for link in links if link is not None))
-    if param_dict is None:
-        return tx
-    return trainable_only(tx, param_dict, idx2name=idx2name, track=track)
+@dataclasses.dataclass(frozen=True)
+class _Links:
+    """What every ready chain shares: the per-leaf links and the frame around its own links.
+
+    `chain(*links, learning_rate=η)` is `links`, the learning rate, then `lr_mult` last, the
+    whole under `trainable_only` when there is a ParamDict.
+    """
+
+    param_dict: Any
+    lr_mult: Overrides
+    wd_mult: Overrides
+    idx2name: Mapping[int, str] | None
+    track: bool
+
+    def decay(self, weight_decay: Any) -> optax.GradientTransformation | None:
+        """The weight-decay link, left out when the rate is a literal 0 (it would read params)."""
+        check_weight_decay(weight_decay, "weight_decay")
+        if isinstance(weight_decay, (int, float)) and not isinstance(weight_decay, bool):
+            if weight_decay == 0 and not self.wd_mult:
+                return None
+        return add_decayed_weights(
+            weight_decay,
+            self.param_dict,
+            wd_mult=self.wd_mult,
+            idx2name=self.idx2name,
+            track=self.track,
+        )
+
+    def chain(
+        self,
+        *links: optax.GradientTransformation | None,
+        learning_rate: ScalarOrSchedule | None,
+        after_rate: tuple[optax.GradientTransformation | None, ...] = (),
+    ) -> optax.GradientTransformation:
+        """The ready chain; `after_rate` links go between the learning rate and `lr_mult`."""
+        rate = None if learning_rate is None else optax.scale_by_learning_rate(learning_rate)
+        scale = scale_by_lr_mult(
+            self.param_dict,
+            lr_mult=self.lr_mult,
+            idx2name=self.idx2name,
+            track=self.track,
+            rate=learning_rate,
+        )
+        tx = optax.chain(*(t for t in (*links, rate, *after_rate, scale) if t is not None))
+        if self.param_dict is None:
+            return tx
+        return trainable_only(tx, self.param_dict, idx2name=self.idx2name, track=self.track)
 
 
 def _low_precision(x: Any) -> bool:
@@ -156,17 +197,6 @@ def _in_float32(inner: optax.GradientTransformation) -> optax.GradientTransforma
         return jax.tree.map(lambda o, u: o.astype(u.dtype), out, updates), state
 
     return optax.GradientTransformation(init_fn, update_fn)
-
-
-def _decay(weight_decay, param_dict, wd_mult, idx2name, track=True):
-    """The weight-decay link, left out when the rate is a literal 0 (it would read every param)."""
-    check_weight_decay(weight_decay, "weight_decay")
-    if isinstance(weight_decay, (int, float)) and not isinstance(weight_decay, bool):
-        if weight_decay == 0 and not wd_mult:
-            return None
-    return add_decayed_weights(
-        weight_decay, param_dict, wd_mult=wd_mult, idx2name=idx2name, track=track
-    )
 
 
 def sgd(
@@ -201,20 +231,11 @@ def sgd(
     _checked("sgd", learning_rate=learning_rate, momentum=momentum, nesterov=nesterov)
     if nesterov and not _uses(momentum):  # PyTorch refuses it too: it would be plain SGD
         raise ValueError(f"sgd: nesterov=True needs momentum > 0, got momentum={momentum!r}")
-    return _ready(
-        param_dict,
-        idx2name,
-        track,
-        _decay(weight_decay, param_dict, wd_mult, idx2name, track),
+    links = _Links(param_dict, lr_mult, wd_mult, idx2name, track)
+    return links.chain(
+        links.decay(weight_decay),
         optax.trace(decay=momentum, nesterov=nesterov) if _uses(momentum) else None,
-        optax.scale_by_learning_rate(learning_rate),
-        scale_by_lr_mult(
-            param_dict,
-            lr_mult=lr_mult,
-            idx2name=idx2name,
-            track=track,
-            rate=learning_rate,
-        ),
+        learning_rate=learning_rate,
     )
 
 
@@ -265,20 +286,11 @@ def adam(
     Each leaf keeps its own step count, so bias correction restarts for a leaf that is unfrozen.
     """
     _checked("adam", learning_rate=learning_rate, b1=b1, b2=b2, eps=eps, eps_root=eps_root)
-    return _ready(
-        param_dict,
-        idx2name,
-        track,
-        _decay(weight_decay, param_dict, wd_mult, idx2name, track),
+    links = _Links(param_dict, lr_mult, wd_mult, idx2name, track)
+    return links.chain(
+        links.decay(weight_decay),
         per_leaf(_in_float32(optax.scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root))),
-        optax.scale_by_learning_rate(learning_rate),
-        scale_by_lr_mult(
-            param_dict,
-            lr_mult=lr_mult,
-            idx2name=idx2name,
-            track=track,
-            rate=learning_rate,
-        ),
+        learning_rate=learning_rate,
     )
 
 
@@ -298,20 +310,11 @@ def adamw(
 ) -> optax.GradientTransformation:
     """AdamW, decoupled (PyTorch's `AdamW`, `optax.adamw`): `w -= η·m·(adam(g) + λ·d·w)`."""
     _checked("adamw", learning_rate=learning_rate, b1=b1, b2=b2, eps=eps, eps_root=eps_root)
-    return _ready(
-        param_dict,
-        idx2name,
-        track,
+    links = _Links(param_dict, lr_mult, wd_mult, idx2name, track)
+    return links.chain(
         per_leaf(_in_float32(optax.scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root))),
-        _decay(weight_decay, param_dict, wd_mult, idx2name, track),
-        optax.scale_by_learning_rate(learning_rate),
-        scale_by_lr_mult(
-            param_dict,
-            lr_mult=lr_mult,
-            idx2name=idx2name,
-            track=track,
-            rate=learning_rate,
-        ),
+        links.decay(weight_decay),
+        learning_rate=learning_rate,
     )
 
 
@@ -356,21 +359,12 @@ def rmsprop(
         if centered
         else optax.scale_by_rms(**kw, bias_correction=bias_correction)
     )
-    return _ready(
-        param_dict,
-        idx2name,
-        track,
-        _decay(weight_decay, param_dict, wd_mult, idx2name, track),
+    links = _Links(param_dict, lr_mult, wd_mult, idx2name, track)
+    return links.chain(
+        links.decay(weight_decay),
         per_leaf(_in_float32(scaler)) if bias_correction else _in_float32(scaler),
-        optax.scale_by_learning_rate(learning_rate),  # before the trace, as optax.rmsprop
-        optax.trace(decay=momentum, nesterov=nesterov) if _uses(momentum) else None,
-        scale_by_lr_mult(
-            param_dict,
-            lr_mult=lr_mult,
-            idx2name=idx2name,
-            track=track,
-            rate=learning_rate,
-        ),
+        learning_rate=learning_rate,
+        after_rate=(optax.trace(decay=momentum, nesterov=nesterov) if _uses(momentum) else None,),
     )
 
 
@@ -393,22 +387,13 @@ def adagrad(
         initial_accumulator_value=initial_accumulator_value,
         eps=eps,
     )
-    return _ready(
-        param_dict,
-        idx2name,
-        track,
-        _decay(weight_decay, param_dict, wd_mult, idx2name, track),
+    links = _Links(param_dict, lr_mult, wd_mult, idx2name, track)
+    return links.chain(
+        links.decay(weight_decay),
         _in_float32(
             optax.scale_by_rss(initial_accumulator_value=initial_accumulator_value, eps=eps)
         ),
-        optax.scale_by_learning_rate(learning_rate),
-        scale_by_lr_mult(
-            param_dict,
-            lr_mult=lr_mult,
-            idx2name=idx2name,
-            track=track,
-            rate=learning_rate,
-        ),
+        learning_rate=learning_rate,
     )
 
 
@@ -428,21 +413,12 @@ def lamb(
 ) -> optax.GradientTransformation:
     """LAMB (optax's): `w -= η·m·trust_ratio(adam(g) + λ·d·w)`."""
     _checked("lamb", learning_rate=learning_rate, b1=b1, b2=b2, eps=eps, eps_root=eps_root)
-    return _ready(
-        param_dict,
-        idx2name,
-        track,
+    links = _Links(param_dict, lr_mult, wd_mult, idx2name, track)
+    return links.chain(
         per_leaf(_in_float32(optax.scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root))),
-        _decay(weight_decay, param_dict, wd_mult, idx2name, track),
+        links.decay(weight_decay),
         optax.scale_by_trust_ratio(),
-        optax.scale_by_learning_rate(learning_rate),
-        scale_by_lr_mult(
-            param_dict,
-            lr_mult=lr_mult,
-            idx2name=idx2name,
-            track=track,
-            rate=learning_rate,
-        ),
+        learning_rate=learning_rate,
     )
 
 
@@ -460,20 +436,11 @@ def lion(
 ) -> optax.GradientTransformation:
     """Lion (optax's), decoupled decay: `w -= η·m·(sign(...) + λ·d·w)`."""
     _checked("lion", learning_rate=learning_rate, b1=b1, b2=b2)
-    return _ready(
-        param_dict,
-        idx2name,
-        track,
+    links = _Links(param_dict, lr_mult, wd_mult, idx2name, track)
+    return links.chain(
         _in_float32(optax.scale_by_lion(b1=b1, b2=b2)),
-        _decay(weight_decay, param_dict, wd_mult, idx2name, track),
-        optax.scale_by_learning_rate(learning_rate),
-        scale_by_lr_mult(
-            param_dict,
-            lr_mult=lr_mult,
-            idx2name=idx2name,
-            track=track,
-            rate=learning_rate,
-        ),
+        links.decay(weight_decay),
+        learning_rate=learning_rate,
     )
 
 
@@ -509,12 +476,5 @@ def custom(
     """
     if learning_rate is not None:
         check_learning_rate(learning_rate, "custom: learning_rate")
-    return _ready(
-        param_dict,
-        None,
-        track,
-        _decay(weight_decay, param_dict, None, None, track),
-        direction,
-        optax.scale_by_learning_rate(learning_rate) if learning_rate is not None else None,
-        scale_by_lr_mult(param_dict, track=track, rate=learning_rate),
-    )
+    links = _Links(param_dict, None, None, None, track)
+    return links.chain(links.decay(weight_decay), direction, learning_rate=learning_rate)
