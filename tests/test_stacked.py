@@ -43,21 +43,7 @@ _unstacked_grad = jax.jit(jax.grad(unstacked_loss))
 def torch_per_layer_groups(case, steps):
     """PyTorch's optimizer on the unstacked model, one param group per layer (lr η·m_l,
     weight_decay λ·d_l), gradients of the unstacked model."""
-    ref = TorchRef(CASES[case].hp)
-    hp = ref.hp
-    layers = [[KERNEL[i].astype(np.float64), BIAS[i].astype(np.float64)] for i in range(L)]
-    states = [[{}, {}] for _ in range(L)]
-    for _ in range(steps):
-        params32 = [(jnp.float32(k), jnp.float32(b)) for k, b in layers]
-        grads = _unstacked_grad(params32, X, Y)
-        for i in range(L):
-            lr, wd = hp["lr"] * LR_MULT[i], hp["wd"] * WD_MULT[i]
-            for j in range(2):
-                g = np.asarray(grads[i][j], np.float64)
-                p, state = layers[i][j], states[i][j]
-                step = ref._sgd if hp["kind"] == "sgd" else ref._adam
-                layers[i][j] = step(p, g, lr, wd, state)
-    return np.stack([k for k, _ in layers]), np.stack([b for _, b in layers])
+    return torch_frozen_then_unfrozen(case, steps, frozen_layers=set(), unfreeze_at=0)
 
 
 def stacked_params():
