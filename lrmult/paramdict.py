@@ -626,7 +626,10 @@ class ParamDict(Mapping[str, Parameter]):
         def show(p: Parameter, attr: str) -> Any:
             if not p.is_set(attr):
                 return "-"
-            value = getattr(p, attr)
+            value = p.frozen_layers if attr == "frozen" else None
+            value = getattr(p, attr) if value is None else value
+            if isinstance(value, np.ndarray) and value.dtype == np.bool_:
+                return str(value.ravel().tolist())
             if isinstance(value, np.ndarray):  # per layer: one entry each
                 return "[" + ", ".join(f"{v:.6g}" for v in value.ravel().tolist()) + "]"
             return str(value)

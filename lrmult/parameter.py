@@ -527,5 +527,7 @@ class Parameter:
         parts = [f"name={self._name!r}", f"shape={self.shape}", f"dtype={self.dtype}"]
         for attr in ("lr_mult", "wd_mult", "frozen"):
             if self.is_set(attr):
-                parts.append(f"{attr}={getattr(self, attr)!r}")
+                value = self.frozen_layers if attr == "frozen" else None
+                value = getattr(self, attr) if value is None else value.tolist()
+                parts.append(f"{attr}={value!r}")
         return f"Parameter({', '.join(parts)})"

@@ -332,3 +332,11 @@ def test_sharded_stacked_leaves_layer_axis_sharded_or_replicated():
         [sys.executable, "-c", SHARDED], capture_output=True, text=True, timeout=120
     )
     assert done.returncode == 0 and "OK" in done.stdout, done.stderr[-3000:]
+
+
+def test_a_partly_frozen_stack_shows_its_frozen_layers():
+    pd = ParamDict.from_pytree({"layers": {"k": jnp.ones((4, 2, 2))}}, stacked={"layers": 1})
+    pd.select("layers/[0-1]/").setattr("frozen", True)
+    assert "[True, True, False, False]" in str(pd)
+    assert "frozen=[True, True, False, False]" in repr(pd["layers/k"])
+    assert pd["layers/k"].frozen is False  # the leaf still trains: its gradient is computed
