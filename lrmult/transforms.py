@@ -493,7 +493,7 @@ class MaskSpec:
                 out.append(x)
                 continue
             rows = x.reshape((len(lab), *x.shape[stack:]))
-            out.append({k: Rows(rows[np.array(m)], m, len(lab)) for k, m in _groups(lab).items()})
+            out.append({k: Rows(_take(rows, m), m, len(lab)) for k, m in _groups(lab).items()})
         return self.treedef.unflatten(out)
 
     def ungrouped(self, tree: Any, like: Any) -> Any:
@@ -511,10 +511,7 @@ class MaskSpec:
             if lab is None or is_masked(ref):
                 out.append(x)
                 continue
-            full = jnp.zeros((len(lab), *ref.shape[stack:]), ref.dtype)
-            for group in x.values():
-                full = full.at[np.array(group.rows)].set(group.value.astype(ref.dtype))
-            out.append(full.reshape(ref.shape))
+            out.append(_put(x.values(), len(lab), ref, stack).reshape(ref.shape))
         return self.treedef.unflatten(out)
 
 
@@ -540,6 +537,49 @@ def zero_frozen_layers(updates: Any, state: Any) -> Any:
             out.append(g)
         return spec.treedef.unflatten(out)
     return updates
+
+
+def _runs(rows: tuple[int, ...]) -> list[tuple[int, int]]:
+    """`rows` as `[start, stop)` runs of consecutive rows."""
+    out: list[tuple[int, int]] = []
+    for r in rows:
+        if out and out[-1][1] == r:
+            out[-1] = (out[-1][0], r + 1)
+        else:
+            out.append((r, r + 1))
+    return out
+
+
+def _take(rows: jax.Array, members: tuple[int, ...]) -> jax.Array:
+    """The member rows: a static slice for consecutive rows, a gather only for scattered ones."""
+    runs = _runs(members)
+    if len(runs) == 1:
+        return rows[runs[0][0] : runs[0][1]]
+    return rows[np.array(members)]
+
+
+def _put(groups: Any, total: int, ref: jax.Array, stack: int) -> jax.Array:
+    """The groups' rows back in one array of `total` rows, zeros elsewhere.
+
+    Runs of consecutive rows are concatenated (no scatter), which XLA fuses like a plain update.
+    """
+    pieces: dict[int, tuple[int, jax.Array]] = {}
+    for group in groups:
+        value = group.value.astype(ref.dtype)
+        offset = 0
+        for start, stop in _runs(group.rows):
+            pieces[start] = (stop, value[offset : offset + stop - start])
+            offset += stop - start
+    parts, at, rest = [], 0, ref.shape[stack:]
+    for start in sorted(pieces):
+        stop, value = pieces[start]
+        if start > at:
+            parts.append(jnp.zeros((start - at, *rest), ref.dtype))
+        parts.append(value)
+        at = stop
+    if at < total:
+        parts.append(jnp.zeros((total - at, *rest), ref.dtype))
+    return jnp.concatenate(parts) if len(parts) > 1 else parts[0]
 
 
 def _groups(labels: tuple[int, ...]) -> dict[int, tuple[int, ...]]:
