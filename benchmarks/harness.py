@@ -83,11 +83,11 @@ def fresh(tree: Any) -> Any:
     return jax.tree.map(jnp.copy, tree)
 
 
-def jit_step(tx: optax.GradientTransformation) -> Callable:
+def jit_step(tx: optax.GradientTransformation, loss_fn: Callable = mlp_loss) -> Callable:
     """A user's hand-written step: value_and_grad, update, apply; donates params and state."""
 
     def step(params, state, x, y):
-        loss, grads = jax.value_and_grad(mlp_loss)(params, x, y)
+        loss, grads = jax.value_and_grad(loss_fn)(params, x, y)
         updates, state = tx.update(grads, state, params)
         return optax.apply_updates(params, updates), state, loss
 
@@ -97,8 +97,10 @@ def jit_step(tx: optax.GradientTransformation) -> Callable:
 class OptaxRunner:
     """A training loop around a hand-jitted step (a fresh `jax.jit` per runner)."""
 
-    def __init__(self, tx: optax.GradientTransformation, params: Any, batch: tuple) -> None:
-        self.fn, self.params, self.batch = jit_step(tx), fresh(params), batch
+    def __init__(
+        self, tx: optax.GradientTransformation, params: Any, batch: tuple, loss_fn=mlp_loss
+    ) -> None:
+        self.fn, self.params, self.batch = jit_step(tx, loss_fn), fresh(params), batch
         self.state = tx.init(self.params)
 
     def __call__(self) -> Any:
@@ -118,18 +120,20 @@ class OptaxRunner:
 
 
 class TrainerRunner:
-    """`lrmult.Trainer(pd, optimizer, opts).train_step(mlp_loss, *batch)`."""
+    """`lrmult.Trainer(pd, optimizer, opts).train_step(loss_fn, *batch)`, `mlp_loss` by default."""
 
-    def __init__(self, pd: lrmult.ParamDict, optimizer: str, opts: dict, batch: tuple) -> None:
+    def __init__(
+        self, pd: lrmult.ParamDict, optimizer: str, opts: dict, batch: tuple, loss_fn=mlp_loss
+    ) -> None:
         self.trainer = lrmult.Trainer(pd, optimizer, opts)
-        self.n_params, self.batch = len(pd), batch
+        self.n_params, self.batch, self.loss_fn = len(pd), batch, loss_fn
 
     @property
     def state(self) -> Any:
         return self.trainer.opt_state
 
     def __call__(self) -> Any:
-        return self.trainer.train_step(mlp_loss, *self.batch), self.trainer.opt_state
+        return self.trainer.train_step(self.loss_fn, *self.batch), self.trainer.opt_state
 
     def input_buffers(self) -> int:
         """Arrays the Trainer's step is handed: parameters, optimizer state, batch (its jitted

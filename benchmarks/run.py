@@ -16,10 +16,11 @@ import frozen
 import harness as h
 import recompiles
 import scaling
+import stacked
 import step_overhead
 
 HERE = Path(__file__).resolve().parent
-BENCHMARKS = (step_overhead, scaling, recompiles, frozen)
+BENCHMARKS = (step_overhead, scaling, recompiles, frozen, stacked)
 
 
 def main(argv=None) -> int:

@@ -1,7 +1,8 @@
 """The benchmarks' quick mode runs, and its deterministic targets hold: no recompilation when an
-lrmult multiplier, override or learning rate changes (one for a rebuilt optax chain), and a
-frozen backbone's optimizer state is Adam's two moments of the trainable leaves only. Timings
-are printed by the benchmarks, never asserted."""
+lrmult multiplier, override or learning rate changes (one for a rebuilt optax chain), a frozen
+backbone's optimizer state is Adam's two moments of the trainable leaves only, and so is that of
+a stacked leaf with its bottom layers frozen. Timings are printed by the benchmarks, never
+asserted."""
 
 import json
 import os
@@ -31,6 +32,10 @@ def test_quick_benchmarks_meet_their_deterministic_targets(tmp_path):
     for variant in ("Trainer, backbone frozen", "lrmult.adam (optax level), backbone frozen"):
         assert frozen[variant]["moment_bytes"] == 2 * trainable
         assert frozen[variant]["state_bytes"] < 2 * trainable + 256  # scalars besides
+    stacked = results["figures"]["stacked"]
+    for variant in ("chain, LLRD + 4 frozen", "Trainer, LLRD + 4 frozen"):
+        assert stacked[variant]["moment_bytes"] == 2 * stacked["trainable_bytes"]
+        assert len(stacked[variant]["first_call"]) >= 1
     tables = Path(tmp_path, "RESULTS.md").read_text()
-    for title in ("## 1.", "## 2.", "## 3.", "## 4.", "## Machine"):
+    for title in ("## 1.", "## 2.", "## 3.", "## 4.", "## 5.", "## Machine"):
         assert title in tables
