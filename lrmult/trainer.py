@@ -109,6 +109,11 @@ def _refuse_tracers(where: str, tree: Any) -> None:
         )
 
 
+def _one_output(new: Mapping[str, Any]) -> Any:
+    """One array of a step's outputs: under a jit around the Trainer, all of them are tracers."""
+    return next((v for v in new.values() if not is_masked(v)), None)
+
+
 def _as_param_dict(params: Any) -> ParamDict:
     if isinstance(params, ParamDict):
         out = params.copy()
@@ -695,7 +700,7 @@ class Trainer:
         new, rest, finite = self._apply_fn(
             trainable, rest, mults, g, jnp.float32(1.0 / batch_size), outer=outer
         )
-        _refuse_tracers("step", (new, rest))
+        _refuse_tracers("step", _one_output(new))
         self._opt_state = _join_state(outer, rest, mults)
         self._write_back(new, frozen)
         self._raise_if_not_finite(finite)
@@ -768,7 +773,7 @@ class Trainer:
         trainable, frozen = self._gather()
         outer, rest, mults = _split_state(self._opt_state)
         new, rest, finite, out = fn(trainable, frozen, rest, mults, args, outer=outer)
-        _refuse_tracers("train_step", (new, rest))  # a jit around us with no traced argument
+        _refuse_tracers("train_step", out)  # a jit around us with no traced argument
         self._opt_state = _join_state(outer, rest, mults)
         self._write_back(new, frozen)
         self._raise_if_not_finite(finite)
