@@ -45,6 +45,25 @@ def _is_array(x: Any) -> bool:
     return isinstance(x, (jax.Array, np.ndarray, np.generic))
 
 
+def compile_pattern(pattern: str | re.Pattern[str], where: str) -> re.Pattern[str]:
+    """A parameter-name pattern compiled, or a clear error naming `where`.
+
+    Raises:
+      ValueError: the pattern is empty or not a valid regular expression.
+      TypeError: it is neither a str nor a compiled pattern.
+    """
+    if isinstance(pattern, re.Pattern):
+        return pattern
+    if not isinstance(pattern, str):
+        raise TypeError(f"{where}: pattern must be a str, got {type(pattern).__name__}")
+    if not pattern:
+        raise ValueError(f"{where}: the pattern is empty; use '.*' to select every parameter")
+    try:
+        return re.compile(pattern)
+    except re.error as e:
+        raise ValueError(f"{where}: {pattern!r} is not a valid regular expression: {e}") from None
+
+
 def _select_hint(regex: re.Pattern[str], names: list[str]) -> str:
     """What the user may have meant by a pattern that `re.match`es nothing."""
 
@@ -365,19 +384,7 @@ class ParamDict(Mapping[str, Parameter]):
         Raises:
           ValueError: if the pattern is empty, not a valid regex, or matches no name.
         """
-        if isinstance(pattern, re.Pattern):
-            regex = pattern
-        elif isinstance(pattern, str):
-            if not pattern:
-                raise ValueError("select: the pattern is empty; use '.*' to select every parameter")
-            try:
-                regex = re.compile(pattern)
-            except re.error as e:
-                raise ValueError(
-                    f"select: {pattern!r} is not a valid regular expression: {e}"
-                ) from None
-        else:
-            raise TypeError(f"select: pattern must be a str, got {type(pattern).__name__}")
+        regex = compile_pattern(pattern, "select")
         out = ParamDict()
         for name, param in self._params.items():
             mine = self._layers.get(name)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -20,7 +19,7 @@ import numpy as np
 
 from lrmult._names import suggest
 from lrmult._where import user_stacklevel
-from lrmult.paramdict import ParamDict
+from lrmult.paramdict import ParamDict, compile_pattern
 from lrmult.parameter import check_frozen, check_multiplier
 
 _ATTRS = ("lr_mult", "wd_mult", "frozen")
@@ -132,12 +131,7 @@ def apply_rules(
     units = params.units()
     chosen: dict[tuple[str, str], tuple[int, Any]] = {}  # (unit, attr) -> (rule, value)
     for k, (pattern, settings) in enumerate(rules):
-        try:
-            regex = re.compile(pattern)
-        except re.error as e:
-            raise ValueError(
-                f"apply_rules: rule {k} {pattern!r} is not a valid regex: {e}"
-            ) from None
+        regex = compile_pattern(pattern, f"apply_rules: rule {k}")
         hits = [u for u in units if getattr(regex, how)(u)]
         if strict and not hits:
             raise ValueError(
