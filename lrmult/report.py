@@ -16,9 +16,9 @@ import optax
 
 from lrmult import lookup
 from lrmult.display import Table
-from lrmult.lookup import Leaf, Rows, is_masked
-from lrmult.resync import bound_param_dict, find, host_value
-from lrmult.transforms import MultState, flatten
+from lrmult.lookup import Leaf
+from lrmult.resync import bound_param_dict, find
+from lrmult.transforms import MultState
 
 
 class ExplainRow(NamedTuple):
@@ -177,13 +177,15 @@ def _applied(node: MultState | None, param_dict: Any, n: int) -> list[Any]:
     if node is None:
         return [None] * n
     values: dict[int, Any] = dict.fromkeys(range(n))
-    flat = flatten(node.live_values())[0]
-    for leaf, x in zip(node.spec.leaves_for(param_dict), flat, strict=True):
-        if isinstance(x, Rows):
-            held = values[leaf.index]
-            if held is None:
-                held = values[leaf.index] = np.full(x.total, np.nan)
-            held[list(x.rows)] = np.asarray(host_value(x.value)).reshape(-1)
-        elif not is_masked(x):
-            values[leaf.index] = host_value(x)
+    leaves = node.spec.leaves_for(param_dict)
+    for leaf, slot, held in zip(leaves, node.spec.slots, node.held(), strict=True):
+        if slot is None:
+            continue
+        if slot.rows is not None:
+            row_values = values[leaf.index]
+            if row_values is None:
+                row_values = values[leaf.index] = np.full(slot.total, np.nan)
+            row_values[list(slot.rows)] = np.reshape(held, -1)
+        else:
+            values[leaf.index] = float(held) if np.ndim(held) == 0 else held
     return [values[i] for i in sorted(values)]

@@ -35,19 +35,6 @@ def flatten(tree: Any) -> tuple[list[Any], Any]:
     return jax.tree.flatten(tree, is_leaf=is_position)
 
 
-def _at(value: Any, x: Any) -> Any:
-    """A leaf's multiplier as position `x` holds it: the group's rows for a `Rows` position."""
-    if isinstance(x, Rows):
-        return np.broadcast_to(np.asarray(value), (x.total,))[list(x.rows)]
-    return value
-
-
-def _place_at(value: Any, x: Any) -> Any:
-    if isinstance(x, Rows):
-        return Rows(place_like(_at(value, x), x.value), x.rows, x.total)
-    return place_like(value, x)
-
-
 def check_param_dict(param_dict: Any, where: str) -> None:
     """Raise unless `param_dict` is None or a mapping name -> Parameter."""
     if param_dict is not None and not isinstance(param_dict, Mapping):
@@ -79,6 +66,80 @@ def _concrete(tree: Any) -> bool:
     return not any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(tree))
 
 
+# Multipliers per buffer of the state. Each position of the tree reads its multiplier as a static
+# slice of a small block: few buffers (one per BLOCK leaves, not one per leaf), and few distinct
+# slice offsets, so XLA compiles about BLOCK variants of each per-leaf kernel, not one per leaf.
+BLOCK = 8
+
+
+class Slot(NamedTuple):
+    """Where one position's multipliers sit in a `MultState`'s blocks.
+
+    Attributes:
+      block: which block.
+      start: the first entry in that block.
+      shape: the multiplier's shape: () for a leaf, its stacked axes for a stacked leaf, (rows,)
+        for a group of layers.
+      rows: the group's rows (of `total`), or None for a whole leaf.
+      total: the number of layers of the group's leaf (0 for a whole leaf).
+    """
+
+    block: int
+    start: int
+    shape: tuple[int, ...]
+    rows: tuple[int, ...] | None = None
+    total: int = 0
+
+    @property
+    def size(self) -> int:
+        """The number of entries."""
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    def take(self, value: Any) -> np.ndarray:
+        """A leaf's multiplier (scalar or per layer) as this position holds it."""
+        value = np.asarray(value, np.float32)
+        if self.rows is None:
+            return value
+        flat = value.reshape(-1)
+        flat = np.broadcast_to(flat, (self.total,)) if flat.size == 1 else flat
+        return flat[list(self.rows)]
+
+    def read(self, blocks: list[jax.Array]) -> jax.Array:
+        """The multiplier inside a step: a static slice of its block."""
+        block = blocks[self.block]
+        if not self.shape:
+            return block[self.start]
+        return block[self.start : self.start + self.size].reshape(self.shape)
+
+
+def layout(shapes: list[tuple[int, ...] | None]) -> tuple[list[int], list[tuple[int, int]]]:
+    """Pack multipliers of the given shapes (None: a frozen position) into blocks.
+
+    Returns:
+      `(sizes of the blocks, (block, start) of each position)` (`(-1, 0)` for None): small
+      multipliers share blocks of `BLOCK` entries; a stacked leaf's vector of `BLOCK` entries or
+      more has a block of its own.
+    """
+    sizes: list[int] = []
+    places: list[tuple[int, int]] = []
+    open_block, used = -1, BLOCK
+    for shape in shapes:
+        if shape is None:
+            places.append((-1, 0))
+            continue
+        n = int(np.prod(shape, dtype=np.int64))
+        if n >= BLOCK:
+            sizes.append(n)
+            places.append((len(sizes) - 1, 0))
+            continue
+        if used + n > BLOCK:
+            sizes.append(BLOCK)
+            open_block, used = len(sizes) - 1, 0
+        places.append((open_block, used))
+        used += n
+    return sizes, places
+
+
 @dataclasses.dataclass(frozen=True)
 class MultSpec:
     """Static data of a `MultState`: which multiplier, for which leaves, with which overrides.
@@ -91,6 +152,8 @@ class MultSpec:
       binding: the live link to the ParamDict the state tracks, or None.
       rate: the base rate this multiplier scales (the chain's learning rate for `lr_mult`, its
         weight decay for `wd_mult`), a number or schedule, for `explain`; None when unknown.
+      slots: each position's `Slot` in the blocks (None where the position is frozen).
+      blocks: the size of each block.
     """
 
     attr: str
@@ -99,6 +162,8 @@ class MultSpec:
     idx2name: tuple[tuple[int, str], ...] | None
     binding: Binding | None = None
     rate: Any = None
+    slots: tuple[Slot | None, ...] = ()
+    blocks: tuple[int, ...] = ()
 
     def leaves_for(self, param_dict: Mapping[str, Any] | None) -> list[Leaf]:
         """The leaves as `param_dict` indexes them (a ParamDict's order is the one users count)."""
@@ -109,26 +174,101 @@ class MultSpec:
             None if self.idx2name is None else dict(self.idx2name),
         )
 
+    def positions(self, values: list[Any]) -> list[np.ndarray | None]:
+        """Each position's multiplier as the state holds it (None where frozen)."""
+        return [
+            None if slot is None else slot.take(v)
+            for slot, v in zip(self.slots, values, strict=True)
+        ]
+
+    def pack(self, held: list[np.ndarray | None]) -> list[np.ndarray]:
+        """The blocks holding each position's multiplier (padding: 1.0)."""
+        blocks = [np.ones(n, np.float32) for n in self.blocks]
+        for slot, v in zip(self.slots, held, strict=True):
+            if slot is not None:
+                blocks[slot.block][slot.start : slot.start + slot.size] = np.reshape(v, -1)
+        return blocks
+
+    def unpack(self, blocks: list[np.ndarray]) -> list[np.ndarray | None]:
+        """`pack`'s inverse: each position's multiplier (None where frozen)."""
+        return [
+            None
+            if slot is None
+            else np.asarray(blocks[slot.block][slot.start : slot.start + slot.size]).reshape(
+                slot.shape
+            )
+            for slot in self.slots
+        ]
+
+
+def _slots(flat: list[Any], held: list[np.ndarray | None]) -> tuple[tuple[Slot | None, ...], tuple]:
+    """The slots and block sizes for the positions `flat` with multipliers `held`."""
+    shapes = [None if h is None else np.shape(h) for h in held]
+    sizes, places = layout(shapes)
+    slots = []
+    for x, shape, (block, start) in zip(flat, shapes, places, strict=True):
+        if shape is None:
+            slots.append(None)
+        elif isinstance(x, Rows):
+            slots.append(Slot(block, start, tuple(shape), tuple(x.rows), x.total))
+        else:
+            slots.append(Slot(block, start, tuple(shape)))
+    return tuple(slots), tuple(sizes)
+
+
+def _placed(blocks: list[np.ndarray], like: Any) -> list[jax.Array]:
+    return [place_like(b, like) for b in blocks]
+
+
+def _reference(tree: Any) -> Any:
+    """An array of `tree` whose placement the blocks follow (None when all is frozen)."""
+    for x in flatten(tree)[0]:
+        if isinstance(x, Rows):
+            return x.value
+        if not is_masked(x):
+            return x
+    return None
+
 
 class MultState:
-    """Per-leaf multipliers: `values` is shaped like the params, one float32 scalar per leaf.
+    """Per-leaf multipliers, packed into a few small float32 blocks (`MultSpec.slots`).
 
-    (Not one packed vector: XLA:CPU compiles N static slices of one buffer several times slower.)
-    With a binding, `live_values()` (what JAX sees when it flattens the node) are the ParamDict's
-    current multipliers; `values` are those the node was made with.
+    Changing a multiplier changes a block's values, never its shape: no recompilation. With a
+    binding, `live()` (what JAX sees when it flattens the node) holds the ParamDict's current
+    multipliers; `values` are those the node was made with.
     """
 
     __slots__ = ("values", "spec", "version")
 
-    def __init__(self, values: Any, spec: MultSpec) -> None:
-        self.values = values
+    def __init__(self, values: list[jax.Array], spec: MultSpec) -> None:
+        # A list, not a tuple: flax NNX writes updated state back into the containers in place.
+        self.values = values if isinstance(values, list) else list(values)
         self.spec = spec
         self.version = spec.binding.version if spec.binding is not None else 0
+
+    def held(self) -> list[np.ndarray | None]:
+        """Each position's multiplier as the state holds it now, on the host (None: frozen)."""
+        blocks = jax.device_get(
+            [b.addressable_data(0) for b in jax.tree.leaves(self.live().values)]
+        )
+        return self.spec.unpack(blocks)
+
+    def tree(self, like: Any) -> Any:
+        """The multipliers held, as a tree shaped like `like` (the params given to `init`)."""
+        flat, treedef = flatten(like)
+        held = self.held()
+        out = []
+        for x, h in zip(flat, held, strict=True):
+            if isinstance(x, Rows):
+                out.append(Rows(h, x.rows, x.total))
+            else:
+                out.append(x if h is None else h)
+        return treedef.unflatten(out)
 
     def refreshed(
         self, param_dict: Mapping[str, Any], overrides: Mapping | None = None
     ) -> MultState:
-        """This node with `param_dict`'s multipliers (unchanged ones keep their arrays).
+        """This node with `param_dict`'s multipliers (unchanged blocks keep their arrays).
 
         Args:
           param_dict: the ParamDict to read.
@@ -139,38 +279,46 @@ class MultState:
         lookup.check_leaves_named(leaves, param_dict, "refresh")
         overrides = dict(spec.overrides) if overrides is None else overrides
         lookup.warn_shadowed(spec.attr, overrides, leaves, param_dict)
-        flat, treedef = flatten(self.values)
-        arrays = [x.value if isinstance(x, Rows) else x for x in flat if not is_masked(x)]
-        old = iter(jax.device_get([x.addressable_data(0) for x in arrays]))  # one transfer
         values = lookup.multiplier_values(spec.attr, leaves, param_dict, overrides)
-        out, changed = [], False
-        for x, v in zip(flat, values, strict=True):
-            if not is_masked(x) and not np.array_equal(
-                np.asarray(next(old), np.float32), np.asarray(_at(v, x), np.float32)
-            ):
-                x, changed = _place_at(v, x), True
-            out.append(x)
-        return MultState(treedef.unflatten(out), spec) if changed else self
+        held = spec.positions(values)
+        if any(
+            slot is not None and np.shape(h) != slot.shape
+            for slot, h in zip(spec.slots, held, strict=True)
+        ):
+            raise ValueError(
+                f"refresh: a {spec.attr} changed shape since the state was built; a multiplier "
+                f"array's shape is the stacked axes of its parameter"
+            )
+        new = spec.pack(held)
+        # Through jax.tree, so wrappers around the blocks (nnx.Optimizer's) are kept.
+        arrays, treedef = jax.tree.flatten(self.values)
+        old = jax.device_get([b.addressable_data(0) for b in arrays])  # one transfer
+        out, changed = list(arrays), False
+        for i, (o, n) in enumerate(zip(old, new, strict=True)):
+            if not np.array_equal(np.asarray(o, np.float32), n):
+                out[i], changed = place_like(n, arrays[i]), True
+        out = treedef.unflatten(out)
+        return MultState(out, spec) if changed else self
 
-    def live_values(self) -> Any:
-        """The multipliers to apply now: the ParamDict's current ones when bound."""
+    def live(self) -> MultState:
+        """This node with the multipliers to apply now: the ParamDict's current ones when bound."""
         binding = self.spec.binding
         if binding is None or (self.version == binding.version and not binding.changed()):
-            return self.values
+            return self
         if not _concrete(self.values):
-            return self.values  # inside a trace: the values JAX passed in are current
-        key = jax.tree.structure(self.values)  # MaskedNode as a node: frozen sets differ
-        return binding.current(lambda pd: self.refreshed(pd).values, self.values, key)
+            return self  # inside a trace: the values JAX passed in are current
+        values = binding.current(lambda pd: self.refreshed(pd).values, self.values, self.spec.slots)
+        return self if values is self.values else MultState(values, self.spec)
 
     def __repr__(self) -> str:
-        return f"MultState({self.spec.attr}, {self.values!r})"
+        return f"MultState({self.spec.attr}, {len(self.values)} blocks)"
 
 
 jax.tree_util.register_pytree_with_keys(
     MultState,
-    lambda s: (((jax.tree_util.GetAttrKey("values"), s.live_values()),), s.spec),
+    lambda s: (((jax.tree_util.GetAttrKey("values"), s.live().values),), s.spec),
     lambda spec, children: MultState(children[0], spec),
-    flatten_func=lambda s: ((s.live_values(),), s.spec),
+    flatten_func=lambda s: ((s.live().values,), s.spec),
 )
 
 
@@ -205,6 +353,13 @@ def _multiplier_init(
         lookup.check_idx2name_range(idx2name, leaves)
         lookup.check_leaves_named(leaves, param_dict, where)
         lookup.override_leaves(attr, overrides, leaves)
+        flat = flatten(params)[0]
+        values = lookup.multiplier_values(attr, leaves, param_dict, overrides)
+        held = [
+            None if (s := _row_slot(x)) is None else s.take(v)
+            for x, v in zip(flat, values, strict=True)
+        ]
+        slots, sizes = _slots(flat, held)
         spec = MultSpec(
             attr,
             tuple(leaves),
@@ -212,13 +367,35 @@ def _multiplier_init(
             None if idx2name is None else _sorted_items(idx2name),
             bind(tuple(leaves)),
             rate if isinstance(rate, float | int) or callable(rate) else None,
+            slots,
+            sizes,
         )
-        flat, treedef = flatten(params)
-        values = lookup.multiplier_values(attr, leaves, param_dict, overrides)
-        placed = [x if is_masked(x) else _place_at(v, x) for x, v in zip(flat, values, strict=True)]
-        return MultState(treedef.unflatten(placed), spec)
+        return MultState(_placed(spec.pack(held), _reference(params)), spec)
 
     return init
+
+
+def _row_slot(x: Any) -> Slot | None:
+    """A placeholder slot that only knows which rows a position holds (for `Slot.take`)."""
+    if is_masked(x):
+        return None
+    if isinstance(x, Rows):
+        return Slot(0, 0, (len(x.rows),), tuple(x.rows), x.total)
+    return Slot(0, 0, ())
+
+
+def _scaled(spec: MultSpec, blocks: tuple, updates: Any, fn: Callable) -> Any:
+    """`fn(update, multiplier)` for each position of `updates` that holds a slot."""
+    flat, treedef = flatten(updates)
+    out = []
+    for x, slot in zip(flat, spec.slots, strict=True):
+        if slot is None or is_masked(x):
+            out.append(x)
+        elif isinstance(x, Rows):
+            out.append(Rows(fn(x.value, slot.read(blocks)), x.rows, x.total))
+        else:
+            out.append(fn(x, slot.read(blocks)))
+    return treedef.unflatten(out)
 
 
 def scale_by_lr_mult(
@@ -245,7 +422,8 @@ def scale_by_lr_mult(
         so that `explain` can show effective rates; it does not scale anything here.
 
     Returns:
-      An `optax.GradientTransformation` whose state holds one float32 scalar per leaf.
+      An `optax.GradientTransformation` whose state holds the multipliers in a few float32
+      blocks (`BLOCK` leaves a buffer).
     """
     init = _multiplier_init(
         "lr_mult", param_dict, lr_mult, idx2name, "scale_by_lr_mult", track, rate
@@ -253,9 +431,9 @@ def scale_by_lr_mult(
 
     def update_fn(updates, state, params=None):
         del params
-        mults = state.live_values()
-        return jax.tree.map(
-            lambda m, u: (u * _per_slice(m, u)).astype(u.dtype), mults, updates
+        live = state.live()
+        return _scaled(
+            live.spec, live.values, updates, lambda u, m: (u * _per_slice(m, u)).astype(u.dtype)
         ), state
 
     return optax.GradientTransformation(init, update_fn)
@@ -315,12 +493,11 @@ def add_decayed_weights(
             raise ValueError("add_decayed_weights needs params: call update(grads, state, params)")
         mults, schedule = state if scheduled else (state, None)
         rate = weight_decay(schedule.count) if scheduled else weight_decay
-        out = jax.tree.map(
-            lambda d, u, p: (u + (rate * _per_slice(d, u)) * p).astype(u.dtype),
-            mults.live_values(),
-            updates,
-            params,
+        live = mults.live()
+        decayed = _scaled(
+            live.spec, live.values, params, lambda p, d: (rate * _per_slice(d, p)) * p
         )
+        out = jax.tree.map(lambda u, dp: (u + dp).astype(u.dtype), updates, decayed)
         if not scheduled:
             return out, state
         count = optax.safe_increment(schedule.count)

@@ -97,7 +97,7 @@ SHARDED = textwrap.dedent(
     mu = state.inner[0].states[0].mu
     assert mu["w"].sharding.spec == P("data", "model")
     mults = [m for _, m in lrmult.resync.find(state, lrmult.transforms.MultState)]
-    assert float(mults[-1].values["w"]) == 0.25
+    assert float(mults[-1].tree(params)["w"]) == 0.25
     print("OK")
     """
 )

@@ -318,8 +318,9 @@ for spec in (P("layer", None, "model"), P(None, None, "model")):
     u, _ = step(tree, state)
     np.testing.assert_allclose(np.asarray(u["layers"]["k"])[:, 0, 0], [0.0, -0.5, -1.0, -2.0])
     mults = [m for _, m in lrmult.resync.find(state, lrmult.transforms.MultState)]
-    vector = mults[-1].values["layers"]["k"]
-    assert vector.shape == (4,) and vector.sharding.is_equivalent_to(NamedSharding(mesh, P()), 1)
+    np.testing.assert_array_equal(mults[-1].tree(tree)["layers"]["k"], [0.0, 0.5, 1.0, 2.0])
+    (block,) = mults[-1].values  # one block, holding the stack's vector of 4
+    assert block.shape == (lrmult.transforms.BLOCK,) and block.sharding.is_equivalent_to(NamedSharding(mesh, P()), 1)
 print("OK")
 """
 

@@ -209,15 +209,16 @@ def test_explain_needs_a_multiplier_state():
         lrmult.explain(optax.sgd(0.1).init(tree()))
 
 
-def test_multipliers_are_float32_scalars_and_updates_keep_dtype():
+def test_multipliers_are_float32_blocks_and_updates_keep_dtype():
     params = {"h": jnp.ones(4, jnp.bfloat16), "f": jnp.ones(4, jnp.float16)}
     pd = ParamDict.from_pytree(params)
     pd["h"].lr_mult = 0.5
     tx = lrmult.adamw(0.1, param_dict=pd)
     state = tx.init(params)
     mults = [m for _, m in find(state, MultState) if m.spec.attr == "lr_mult"]
-    values = mults[0].values
-    assert all(v.dtype == jnp.float32 and v.shape == () for v in jax.tree.leaves(values))
+    blocks = mults[0].values
+    assert [(b.dtype, b.shape) for b in blocks] == [(jnp.float32, (lrmult.transforms.BLOCK,))]
+    values = mults[0].tree(params)
     assert (float(values["f"]), float(values["h"])) == (1.0, 0.5)
     u, _ = tx.update(jax.tree.map(jnp.ones_like, params), state, params)
     assert u["h"].dtype == jnp.bfloat16 and u["f"].dtype == jnp.float16
