@@ -42,6 +42,21 @@ class ChangeLog:
         self.values.clear()
 
 
+class Outputs:
+    """The values one training step produced, held once for every Parameter it trained.
+
+    A Trainer attaches its Parameters to one `Outputs` (`Parameter.hold`) and then replaces
+    `values` after each step: writing a step's results back costs O(1), not O(parameters).
+    Other owners need no word of these steps: the first step after another owner's own step
+    (which told this Trainer) attaches again, and that tells them.
+    """
+
+    __slots__ = ("values",)
+
+    def __init__(self) -> None:
+        self.values: dict[str, Any] = {}
+
+
 def _describe(name: str | None) -> str:
     return f"parameter {name!r}" if name is not None else "parameter (unnamed)"
 
@@ -210,6 +225,7 @@ class Parameter:
 
     __slots__ = (
         "_value",
+        "_held",
         "_name",
         "_lr_mult",
         "_wd_mult",
@@ -241,6 +257,8 @@ class Parameter:
         fz = None if frozen is None else check_frozen(frozen, name, shape)
         self._name = name
         self._value = value
+        # (Outputs, key) while the value is the one a Trainer's last step left there.
+        self._held: tuple[Outputs, str] | None = None
         self._lr_mult = lr
         self._wd_mult = wd
         self._frozen = fz
@@ -271,7 +289,7 @@ class Parameter:
     @property
     def shape(self) -> tuple[int, ...]:
         """The value's shape."""
-        return tuple(self._value.shape)
+        return tuple(self.peek().shape)
 
     @property
     def stacked(self) -> int:
@@ -318,20 +336,22 @@ class Parameter:
     @property
     def dtype(self) -> np.dtype:
         """The value's dtype."""
-        return self._value.dtype
+        return self.peek().dtype
 
     def data(self) -> jax.Array:
         """The current value. It stays valid after later training steps."""
+        value = self.peek()
         if self._donatable:
+            self._value, self._held = value, None
             self._donatable = False
             self._noted("values")
-        return self._value
+        return value
 
     def set_data(self, value: Any) -> None:
         """Replace the value; the shape and dtype must stay the same."""
         value = _as_array(value, self._name)
         self.check_like(value, f"{_describe(self._name)}: set_data")
-        self._value = value
+        self._value, self._held = value, None
         self._donatable = False
         self._noted("values")
 
@@ -341,6 +361,9 @@ class Parameter:
         Unlike `data()` it is not handed out, so a Trainer may still donate it when `donatable`.
         Never give it to user code.
         """
+        if self._held is not None:
+            outputs, key = self._held
+            return outputs.values[key]
         return self._value
 
     @property
@@ -348,18 +371,22 @@ class Parameter:
         """Whether the value was produced by a training step and never handed out since."""
         return self._donatable
 
-    def set_trained(self, value: jax.Array, log: ChangeLog | None = None) -> None:
-        """Take a value produced by a training step (no checks: the step kept shape and dtype).
+    def hold(self, outputs: Outputs, key: str, log: ChangeLog | None = None) -> None:
+        """Take the value a training step left in `outputs.values[key]`, and the later ones.
 
-        Args:
-          value: the new value, owned by lrmult until handed out by `data()`.
-          log: the writer's own log, which is not told (it knows); every other owner is.
+        The value is owned by lrmult (donatable) until handed out by `data()`. Every owner but
+        `log`'s is told of the new value.
         """
-        self._value = value
+        self._value, self._held = None, (outputs, key)
         self._donatable = True
         for other in self._logs:
             if other is not log:
                 other.values.add(self._name)
+
+    def release(self, outputs: Outputs) -> None:
+        """Keep the current value as this Parameter's own if `outputs` holds it (no more steps)."""
+        if self._held is not None and self._held[0] is outputs:
+            self._value, self._held = self.peek(), None
 
     def first_report(self, attr: str, key: Any) -> bool:
         """True the first time it is asked about `(attr, key)` since `attr` was last set.

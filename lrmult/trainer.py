@@ -21,7 +21,7 @@ from lrmult.display import Table
 from lrmult.lookup import is_masked
 from lrmult.optimizers import OPTIMIZERS, check_hyperparameter, check_learning_rate, custom
 from lrmult.paramdict import ParamDict
-from lrmult.parameter import ChangeLog, Parameter
+from lrmult.parameter import ChangeLog, Outputs, Parameter
 from lrmult.resync import by_path, carry_over, host_value, refresh_state
 from lrmult.transforms import MultState, place_like, zero_frozen_layers
 
@@ -259,6 +259,8 @@ class Trainer:
         self._train_fns: dict[Any, Callable] = {}
         self._losses_by_site: dict[tuple[str, int], int] = {}
         self._inputs: tuple[dict[str, Any], dict[str, Any]] | None = None
+        self._reused = False  # whether the last gather reused the previous step's outputs
+        self._out = Outputs()  # the last step's values, which the Parameters follow
         self._apply_fn = jax.jit(
             self._lrmult_apply_step, donate_argnums=(0, 1), static_argnames="outer"
         )
@@ -566,8 +568,10 @@ class Trainer:
 
     def _gather(self) -> tuple[dict[str, Any], dict[str, Any]]:
         """The step's inputs: trainable values (FrozenLeaf where frozen), and frozen values."""
-        if self._inputs is not None and not self._log.values:
+        self._reused = self._inputs is not None and not self._log.values
+        if self._reused:
             return self._inputs  # nothing touched the Parameters since our last write-back
+        self._inputs = None  # until a step writes back (a failed step must not leave it valid)
         trainable: dict[str, Any] = {}
         frozen: dict[str, Any] = {}
         for name, p in self._plist:
@@ -584,10 +588,22 @@ class Trainer:
         return trainable, frozen
 
     def _write_back(self, new: Mapping[str, Any], frozen: Mapping[str, Any]) -> None:
-        for name, p in self._plist:
-            value = new[name]
-            if not is_masked(value):
-                p.set_trained(value, self._log)
+        """Make the step's results the Parameters' values: O(1) while nothing else touched them.
+
+        The Parameters follow `self._out`, so a step only replaces its values; after a change (a
+        value handed out or set, a new frozen set, another owner's step) every trainable
+        Parameter is attached again, which tells the other owners.
+        """
+        out = self._out
+        if not self._reused:
+            for name, p in self._plist:
+                if is_masked(new[name]):
+                    p.release(out)  # frozen now: keeps the value it has, before it is replaced
+        out.values = new
+        if not self._reused:
+            for name, p in self._plist:
+                if not is_masked(new[name]):
+                    p.hold(out, name, self._log)
         self._inputs = (new, frozen)
 
     def _update(self, grads, parts, trainable):

@@ -199,7 +199,7 @@ def test_trainer_donates_its_own_buffers():
     pd = ParamDict.from_pytree({"w": jnp.ones(1000)})
     trainer = Trainer(pd, "sgd", {"learning_rate": 0.1})
     trainer.step({"w": jnp.ones(1000)})
-    produced = pd["w"]._value  # produced by the Trainer, never handed to the user
+    produced = pd["w"].peek()  # produced by the Trainer, never handed to the user
     trainer.step({"w": jnp.ones(1000)})
     if jax.default_backend() in ("cpu", "gpu", "tpu"):
         assert produced.is_deleted()
@@ -426,3 +426,30 @@ def test_two_trainers_sharing_parameters_see_each_others_updates():
     np.testing.assert_array_equal(pd["w"].data(), [89.0, 89.0])
     a.step(ones)  # data() handed the value out: it stays valid, and the step still sees it
     np.testing.assert_array_equal(pd["w"].data(), [88.0, 88.0])
+
+
+def test_write_back_follows_shared_outputs_and_tells_new_owners():
+    # After the first step a Trainer only swaps its outputs; a Trainer made later over the same
+    # Parameter, a frozen toggle and a handed-out value must all still see every update.
+    pd = ParamDict.from_pytree({"w": jnp.zeros(2), "v": jnp.zeros(1)})
+    a = Trainer(pd, "sgd", {"learning_rate": 1.0})
+    g = {"w": jnp.ones(2), "v": jnp.ones(1)}
+    for _ in range(3):
+        a.step(g)  # w, v: -3
+    b = Trainer(pd.select("w"), "sgd", {"learning_rate": 10.0})  # a new owner of w
+    a.step(g)  # -4
+    b.step({"w": jnp.ones(2)})  # w: -14
+    a.step(g)  # w: -15, v: -5
+    a.step(g)  # w: -16, v: -6
+    b.step({"w": jnp.ones(2)})  # w: -26
+    np.testing.assert_array_equal(pd["w"].data(), [-26.0, -26.0])
+    np.testing.assert_array_equal(pd["v"].data(), [-6.0])
+    pd["v"].frozen = True
+    a.step({"w": jnp.ones(2)})  # w: -27, v stays
+    a.step({"w": jnp.ones(2)})  # w: -28
+    frozen_v = pd["v"].data()
+    pd["v"].frozen = False
+    a.step(g)  # w: -29, v: -7
+    np.testing.assert_array_equal(frozen_v, [-6.0])
+    np.testing.assert_array_equal(pd["w"].data(), [-29.0, -29.0])
+    np.testing.assert_array_equal(pd["v"].data(), [-7.0])
