@@ -58,19 +58,29 @@ def _check_params(params: object, where: str) -> None:
         raise TypeError(f"{where}: params must be a ParamDict, got {type(params).__name__}")
 
 
-def _compose(params: ParamDict, attr: str, factors: dict[str, Any], origin: str) -> ParamDict:
-    """Multiply `attr` of each named Parameter by its factor, all checked before any change.
+def _compose(params: ParamDict, factors: dict[str, dict[str, Any]], origin: str) -> ParamDict:
+    """Multiply each attribute of each named Parameter by its factor, all checked before any change.
 
-    A factor may be an array over a stacked Parameter's layers; the result is then an array.
+    Args:
+      params: the ParamDict the names are in.
+      factors: `{attr: {name: factor}}`; a factor may be an array over a stacked Parameter's
+        layers, the result is then an array.
+      origin: the preset, shown by `explain()` as the source.
+
+    Returns:
+      The Parameters changed, in `params`' order.
     """
-    new = {}
-    for name, factor in factors.items():
-        p = params[name]
-        value = getattr(p, attr) * factor  # an unset multiplier reads as 1.0
-        new[name] = check_multiplier(attr, value, f"{name} ({origin})", p.shape, p.stacked)
-    for name, value in new.items():
+    new = []
+    for attr, by_name in factors.items():
+        for name, factor in by_name.items():
+            p = params[name]
+            value = getattr(p, attr) * factor  # an unset multiplier reads as 1.0
+            checked = check_multiplier(attr, value, f"{name} ({origin})", p.shape, p.stacked)
+            new.append((name, attr, checked))
+    for name, attr, value in new:
         params[name].assign(attr, value, origin)
-    return _subset(params, list(new))
+    changed = {name for name, _, _ in new}
+    return _subset(params, [n for n in params if n in changed])
 
 
 def default_layer_id(name: str, num_layers: int) -> int:
@@ -192,7 +202,7 @@ def layerwise_lr_decay(
                 f"use fewer layers or a decay closer to 1"
             )
     factors = params.gather(factors, lambda p: np.ones(p.stack_shape))
-    return _compose(params, "lr_mult", factors, "preset:layerwise_lr_decay")
+    return _compose(params, {"lr_mult": factors}, "preset:layerwise_lr_decay")
 
 
 def _group_ids(params: ParamDict, groups: Sequence[Pattern]) -> dict[str, int]:
@@ -264,7 +274,7 @@ def no_decay(
         rule = "ends in weight/gamma/kernel" if mxnet else "is chosen by rank or names"
         raise ValueError(f"no_decay: every parameter {rule}; nothing would change")
     factors = params.gather(dict.fromkeys(chosen, 0.0), lambda p: np.ones(p.stack_shape))
-    return _compose(params, "wd_mult", factors, "preset:no_decay")
+    return _compose(params, {"wd_mult": factors}, "preset:no_decay")
 
 
 def _compile(names: Pattern | Sequence[Pattern] | None) -> list[re.Pattern[str]]:
