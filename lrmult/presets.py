@@ -12,6 +12,8 @@ changing anything, and returns the ParamDict of the Parameters it changed (shari
 - `no_decay`: `wd_mult = 0` on biases and normalisation parameters (HuggingFace / big_vision
   practice), or MXNet 1.x's rule (decay only names ending in `weight` / `gamma` / `kernel`).
 - `linear_probe`: freeze everything but the head.
+- `mup`: μP's `lr_mult` / `wd_mult` from a narrow base model's shapes (microsoft/mup's `MuAdam`,
+  `MuSGD`).
 
 The one-line recipes need no preset: Gluon's fine-tuning tutorial is
 `params.select("head/").setattr("lr_mult", 10.0)`, freezing a backbone is
@@ -22,11 +24,14 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import jax
 import numpy as np
 
+from lrmult import flax_trees
+from lrmult._names import path_name, suggest
 from lrmult.paramdict import ParamDict
 from lrmult.parameter import check_multiplier
 
@@ -58,19 +63,29 @@ def _check_params(params: object, where: str) -> None:
         raise TypeError(f"{where}: params must be a ParamDict, got {type(params).__name__}")
 
 
-def _compose(params: ParamDict, attr: str, factors: dict[str, Any], origin: str) -> ParamDict:
-    """Multiply `attr` of each named Parameter by its factor, all checked before any change.
+def _compose(params: ParamDict, factors: dict[str, dict[str, Any]], origin: str) -> ParamDict:
+    """Multiply each attribute of each named Parameter by its factor, all checked before any change.
 
-    A factor may be an array over a stacked Parameter's layers; the result is then an array.
+    Args:
+      params: the ParamDict the names are in.
+      factors: `{attr: {name: factor}}`; a factor may be an array over a stacked Parameter's
+        layers, the result is then an array.
+      origin: the preset, shown by `explain()` as the source.
+
+    Returns:
+      The Parameters changed, in `params`' order.
     """
-    new = {}
-    for name, factor in factors.items():
-        p = params[name]
-        value = getattr(p, attr) * factor  # an unset multiplier reads as 1.0
-        new[name] = check_multiplier(attr, value, f"{name} ({origin})", p.shape, p.stacked)
-    for name, value in new.items():
+    new = []
+    for attr, by_name in factors.items():
+        for name, factor in by_name.items():
+            p = params[name]
+            value = getattr(p, attr) * factor  # an unset multiplier reads as 1.0
+            checked = check_multiplier(attr, value, f"{name} ({origin})", p.shape, p.stacked)
+            new.append((name, attr, checked))
+    for name, attr, value in new:
         params[name].assign(attr, value, origin)
-    return _subset(params, list(new))
+    changed = {name for name, _, _ in new}
+    return _subset(params, [n for n in params if n in changed])
 
 
 def default_layer_id(name: str, num_layers: int) -> int:
@@ -192,7 +207,7 @@ def layerwise_lr_decay(
                 f"use fewer layers or a decay closer to 1"
             )
     factors = params.gather(factors, lambda p: np.ones(p.stack_shape))
-    return _compose(params, "lr_mult", factors, "preset:layerwise_lr_decay")
+    return _compose(params, {"lr_mult": factors}, "preset:layerwise_lr_decay")
 
 
 def _group_ids(params: ParamDict, groups: Sequence[Pattern]) -> dict[str, int]:
@@ -264,7 +279,7 @@ def no_decay(
         rule = "ends in weight/gamma/kernel" if mxnet else "is chosen by rank or names"
         raise ValueError(f"no_decay: every parameter {rule}; nothing would change")
     factors = params.gather(dict.fromkeys(chosen, 0.0), lambda p: np.ones(p.stack_shape))
-    return _compose(params, "wd_mult", factors, "preset:no_decay")
+    return _compose(params, {"wd_mult": factors}, "preset:no_decay")
 
 
 def _compile(names: Pattern | Sequence[Pattern] | None) -> list[re.Pattern[str]]:
@@ -315,6 +330,300 @@ def linear_probe(params: ParamDict, head: Pattern) -> ParamDict:
     for name, p in params.items():
         p.assign("frozen", name not in chosen, "preset:linear_probe")
     return chosen
+
+
+# μP: which of mup's rules each optimizer follows. mup's own advice (mup/optim.py): an optimizer
+# that normalises the gradient entrywise (RMSProp, Adagrad) takes MuAdam's, an SGD-like one MuSGD's.
+MUP_RULES: dict[str, str] = {
+    "adam": "adam",
+    "adamw": "adam",
+    "rmsprop": "adam",
+    "adagrad": "adam",
+    "sgd": "sgd",
+    "nag": "sgd",
+}
+MUP_LAYOUTS = ("flax", "torch")
+FanIn = Mapping[str, int | Sequence[int]] | Callable[[str], int | Sequence[int] | None]
+
+
+def mup(
+    params: ParamDict,
+    base_shapes: Any,
+    *,
+    optimizer: str = "adam",
+    delta_shapes: Any = None,
+    layout: str = "flax",
+    fan_in_axes: FanIn | None = None,
+    decoupled_wd: bool = False,
+) -> ParamDict:
+    """μP's learning-rate and weight-decay multipliers, as microsoft/mup's `MuAdam` / `MuSGD`.
+
+    A dimension of a parameter is *infinite* (a width) when the base model's differs from this
+    model's (or, with `delta_shapes`, from the delta model's: mup's `make_base_shapes(base,
+    delta)`); its width multiplier is `r = dim / base_dim`. With `r_in`, `r_out` the multipliers
+    of a parameter's fan-in and fan-out infinite dims, `lr_mult` and `wd_mult` are multiplied by:
+
+    | infinite dims | `optimizer="adam"`, `"adamw"` (MuAdam) | `"sgd"` (MuSGD) |
+    |---|---|---|
+    | 0 (fixed) | 1, 1 | 1, 1 |
+    | 1 (vector-like: bias, norm, embedding, readout) | 1, 1 | `r`, `1 / r` |
+    | 2 (matrix-like: hidden weights) | `1 / r_in`, `r_in` | `r_out / r_in`, `r_in / r_out` |
+    | more | an error, as in mup | an error, as in mup |
+
+    The weight-decay factor keeps `lr · wd` what it is at the base width: lrmult's decay, coupled
+    (adam, sgd) or decoupled (adamw, `w -= η·m·λ·d·w` as PyTorch's AdamW), is always scaled by
+    `lr_mult`, so mup's default `decoupled_wd=False` applies to all three. Stacked axes are
+    skipped: a stack is judged per layer. μP's initialization and output multiplier (mup's
+    `MuReadout`) and its `1/d` attention scaling are model code, not optimizer settings.
+
+    Fan-in: of the two infinite dims, `layout="flax"` takes the first as the fan-in (flax's
+    kernels put inputs before outputs: Dense `(in, out)`, conv `(..., in, out)`, DenseGeneral
+    `(in..., out...)`), `layout="torch"` the second (PyTorch's `(out, in, ...)`, as mup reads
+    it). `fan_in_axes` overrides it per parameter and may group axes, e.g. a DenseGeneral query
+    kernel `(d, heads, head_dim)` whose three dims all grow is `{name: 0}`: fan-in `d`, fan-out
+    `heads x head_dim` (one fused dim in PyTorch).
+
+    The factors multiply what is already set (1.0 when unset); only parameters whose factor is
+    not 1 are changed; `explain()` shows `preset:mup`.
+
+    Args:
+      params: the ParamDict to change.
+      base_shapes: the shapes of the narrow base model of the same architecture, named as
+        `params` names them: a pytree of arrays or `jax.ShapeDtypeStruct`s (`jax.eval_shape` of
+        the init), Linen `variables["params"]`, an abstract NNX module (`nnx.eval_shape`), a
+        ParamDict, or a `{name: shape}` dict. Names `params` lacks are ignored.
+      optimizer: the optimizer the rule is for: `"adam"`, `"adamw"`, `"rmsprop"`, `"adagrad"`
+        (MuAdam's rule) or `"sgd"`, `"nag"` (MuSGD's).
+      delta_shapes: optional shapes of a model differing from the base in the width dims only;
+        a dim is then infinite where base and delta differ (even if this model is at base
+        width), as with mup's `set_base_shapes(model, base, delta=delta)`.
+      layout: `"flax"` or `"torch"`, which infinite dim is the fan-in (see above).
+      fan_in_axes: `{name: axis or axes}` or `name -> axis, axes or None`: the fan-in axes of a
+        parameter, counted per layer (without its stacked axes); the other infinite dims are its
+        fan-out.
+      decoupled_wd: leave `wd_mult` alone (mup's `decoupled_wd=True`), for a decay not scaled
+        by the learning rate.
+
+    Returns:
+      The parameters whose `lr_mult` or `wd_mult` changed.
+
+    Raises:
+      ValueError: a parameter has no base (or delta) shape, one of another rank, a zero width,
+        or more than two infinite dims without `fan_in_axes`; `fan_in_axes` leaves one side
+        without an infinite dim; `delta_shapes` equals `base_shapes`; `optimizer` or `layout`
+        is unknown.
+      KeyError: a `fan_in_axes` key names no parameter.
+
+    Example:
+      >>> base = jax.eval_shape(Model(width=64).init, key, x)["params"]
+      >>> params = lrmult.ParamDict.from_pytree(Model(width=1024).init(key, x)["params"])
+      >>> lrmult.presets.mup(params, base, optimizer="adamw")  # hidden kernels: lr / 16
+    """
+    where = "mup"
+    _check_params(params, where)
+    if not isinstance(optimizer, str) or optimizer not in MUP_RULES:
+        raise ValueError(
+            f"{where}: optimizer must be one of {', '.join(map(repr, MUP_RULES))}, got "
+            f"{optimizer!r}{suggest(optimizer, MUP_RULES) if isinstance(optimizer, str) else ''}"
+            f"; for another optimizer pass 'adam' if it normalises the gradient entrywise, "
+            f"else 'sgd' (mup's advice)"
+        )
+    if not isinstance(layout, str) or layout not in MUP_LAYOUTS:
+        raise ValueError(
+            f"{where}: layout must be 'flax' (fan-in before fan-out) or 'torch' (fan-out "
+            f"first), got {layout!r}"
+        )
+    if not isinstance(decoupled_wd, bool):
+        raise TypeError(f"{where}: decoupled_wd must be True or False, got {decoupled_wd!r}")
+    if fan_in_axes is not None and not (isinstance(fan_in_axes, Mapping) or callable(fan_in_axes)):
+        raise TypeError(
+            f"{where}: fan_in_axes must be a dict name -> axes or a function name -> axes, got "
+            f"{type(fan_in_axes).__name__}"
+        )
+    if isinstance(fan_in_axes, Mapping):
+        for key in fan_in_axes:
+            if key not in params:
+                raise KeyError(
+                    f"{where}: fan_in_axes key {key!r} names no parameter{suggest(key, params)}"
+                )
+    base = _shape_table(base_shapes, "base_shapes")
+    delta = None if delta_shapes is None else _shape_table(delta_shapes, "delta_shapes")
+
+    if delta is not None and all(
+        _shape_of(base, n, p, "base_shapes") == _shape_of(delta, n, p, "delta_shapes")
+        for n, p in params.items()
+    ):
+        raise ValueError(
+            f"{where}: delta_shapes equals base_shapes for every parameter, so no dim is a "
+            f"width; the delta model must differ from the base in its width dims"
+        )
+    rule = MUP_RULES[optimizer]
+    lr: dict[str, float] = {}
+    wd: dict[str, float] = {}
+    for name, p in params.items():
+        b = _shape_of(base, name, p, "base_shapes")
+        dl = None if delta is None else _shape_of(delta, name, p, "delta_shapes")
+        inf = _infinite_dims(name, p.shape, p.stacked, b, dl)
+        if isinstance(fan_in_axes, Mapping):
+            given = fan_in_axes.get(name)
+        else:
+            given = None if fan_in_axes is None else fan_in_axes(name)
+        given = None if given is None else _axes(name, given, len(p.shape) - p.stacked)
+        if len(inf) == 1 and rule == "sgd":  # MuSGD's vector-like
+            (r,) = inf.values()
+            lr[name], wd[name] = r, 1 / r
+        elif len(inf) >= 2:  # matrix-like
+            r_in, r_out = _fan_in_out(name, p.shape[p.stacked :], inf, given, layout)
+            ratio = r_in if rule == "adam" else r_in / r_out
+            lr[name], wd[name] = 1 / ratio, ratio
+
+    def only_changes(by_name: dict[str, float]) -> dict[str, Any]:
+        # A stack selected by some layers only (`select("layers/[0-3]/")`) changes those layers.
+        return {
+            n: f if params.layers_of(n) is None else np.where(params.layers_of(n), f, 1.0)
+            for n, f in by_name.items()
+            if f != 1
+        }
+
+    factors = {"lr_mult": only_changes(lr)}
+    if not decoupled_wd:
+        factors["wd_mult"] = only_changes(wd)
+    return _compose(params, factors, "preset:mup")
+
+
+def _shape_table(tree: Any, arg: str) -> dict[str, tuple[int, ...]]:
+    """`{name: shape}` of a model's shapes: a pytree, a ParamDict or a name -> shape dict."""
+    if isinstance(tree, ParamDict):
+        return {name: p.shape for name, p in tree.items()}
+    if flax_trees.is_nnx_module(tree):
+        tree = flax_trees.nnx_pure_state(tree, flax_trees.nnx_param_filter())
+    if flax_trees.has_boxes(tree):  # Linen boxes: names stop at the box, as from_linen's
+        names, _, unboxed = flax_trees.boxed_leaves(tree)
+        pairs = list(zip(names, jax.tree.leaves(unboxed), strict=True))
+    else:
+        tree = flax_trees.unbox_variables(tree, is_leaf=_is_shape)
+        flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_shape)[0]
+        pairs = [(path_name(path), leaf) for path, leaf in flat]
+    out: dict[str, tuple[int, ...]] = {}
+    for name, leaf in pairs:
+        if not name:
+            raise TypeError(
+                f"mup: {arg} is a single {type(leaf).__name__}; give the model's shapes as a "
+                f"pytree or a {{name: shape}} dict"
+            )
+        if _is_shape(leaf):
+            shape = tuple(int(d) for d in leaf)
+        elif isinstance(getattr(leaf, "shape", None), tuple):
+            shape = tuple(int(d) for d in leaf.shape)
+        else:
+            raise TypeError(
+                f"mup: {arg} leaf {name!r} is a {type(leaf).__name__}, not an array, "
+                f"ShapeDtypeStruct or shape tuple"
+            )
+        if any(d < 0 for d in shape):
+            raise ValueError(f"mup: {arg} shape of {name!r} has a negative dim: {shape}")
+        if name in out:
+            raise ValueError(f"mup: {arg} has two leaves named {name!r}")
+        out[name] = shape
+    if not out:
+        raise ValueError(f"mup: {arg} holds no shapes")
+    return out
+
+
+def _is_shape(x: Any) -> bool:
+    return isinstance(x, tuple | list) and all(
+        isinstance(d, int | np.integer) and not isinstance(d, bool) for d in x
+    )
+
+
+def _shape_of(table: dict[str, tuple[int, ...]], name: str, p: Any, arg: str) -> tuple[int, ...]:
+    """The shape `table` gives parameter `name`, of the parameter's rank."""
+    if name not in table:
+        if f"params/{name}" in table:
+            hint = " (it holds flax variables: pass variables['params'])"
+        else:
+            hint = suggest(name, table)
+        raise ValueError(
+            f"mup: parameter {name!r} is not in {arg}{hint}; {arg} must give the shape of every "
+            f"parameter, named as params names it"
+        )
+    shape = table[name]
+    if len(shape) != len(p.shape):
+        raise ValueError(
+            f"mup: parameter {name!r} has shape {p.shape} (rank {len(p.shape)}) but {arg} gives "
+            f"it shape {shape} (rank {len(shape)}); the models must have the same architecture"
+        )
+    return shape
+
+
+def _infinite_dims(
+    name: str,
+    shape: tuple[int, ...],
+    stacked: int,
+    base: tuple[int, ...],
+    delta: tuple[int, ...] | None,
+) -> dict[int, float]:
+    """`{axis: width multiplier}` of a parameter's infinite dims, axes counted per layer."""
+    out = {}
+    for i in range(stacked, len(shape)):  # stacked axes count layers, not width
+        if base[i] == (shape[i] if delta is None else delta[i]):
+            continue
+        if base[i] < 1 or shape[i] < 1:
+            raise ValueError(
+                f"mup: parameter {name!r} has width {shape[i]} on axis {i - stacked} where the "
+                f"base has {base[i]}; an infinite (width) dim must be >= 1 in both"
+            )
+        out[i - stacked] = shape[i] / base[i]
+    return out
+
+
+def _axes(name: str, given: Any, rank: int) -> tuple[int, ...]:
+    """`fan_in_axes`' answer for one parameter, as non-negative per-layer axes."""
+    axes = [given] if isinstance(given, int | np.integer) else given
+    ok = isinstance(axes, Sequence) and not isinstance(axes, str) and len(axes) > 0
+    if not ok or any(isinstance(a, bool) or not isinstance(a, int | np.integer) for a in axes):
+        raise TypeError(f"mup: fan_in_axes for {name!r} must be an axis or axes, got {given!r}")
+    out = []
+    for a in axes:
+        if not -rank <= a < rank:
+            raise ValueError(
+                f"mup: fan_in_axes for {name!r} gives axis {a}, outside its {rank} per-layer "
+                f"axes (stacked axes are not counted)"
+            )
+        out.append(int(a) % rank)
+    if len(set(out)) != len(out):
+        raise ValueError(f"mup: fan_in_axes for {name!r} repeats an axis: {given!r}")
+    return tuple(out)
+
+
+def _fan_in_out(
+    name: str,
+    shape: tuple[int, ...],
+    inf: dict[int, float],
+    given: tuple[int, ...] | None,
+    layout: str,
+) -> tuple[float, float]:
+    """`(r_in, r_out)`: the width multipliers of a matrix-like parameter's fan-in and fan-out."""
+    axes = sorted(inf)
+    if given is None:
+        if len(axes) > 2:
+            raise ValueError(
+                f"mup: parameter {name!r} of per-layer shape {shape} has {len(axes)} infinite "
+                f"dims (axes {axes}); mup's MuAdam / MuSGD handle at most 2. If some are one "
+                f"dim split in two (a DenseGeneral kernel's heads x head_dim), group them with "
+                f"fan_in_axes={{{name!r}: fan-in axes}}; else pass delta_shapes keeping the "
+                f"non-width dims fixed"
+            )
+        a_in, a_out = axes if layout == "flax" else axes[::-1]
+        return inf[a_in], inf[a_out]
+    fan_in = [a for a in axes if a in given]
+    fan_out = [a for a in axes if a not in given]
+    if not fan_in or not fan_out:
+        raise ValueError(
+            f"mup: fan_in_axes for {name!r} gives axes {list(given)}; of its infinite dims "
+            f"(axes {axes}) at least one must be fan-in and one fan-out"
+        )
+    return math.prod(inf[a] for a in fan_in), math.prod(inf[a] for a in fan_out)
 
 
 def _subset(params: ParamDict, names: list[str]) -> ParamDict:

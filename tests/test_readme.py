@@ -56,3 +56,24 @@ def test_the_optax_level_snippet_runs():
     ours, _ = env["tx"].update(g, state, params.tree())
     np.testing.assert_array_equal(ours["Dense_0"]["kernel"], 0.0)  # frozen last
     assert {r.name: r.lr_mult for r in lrmult.explain(state)}["LayerNorm_0/bias"] == 0.5
+
+
+class Model(nn.Module):
+    width: int
+
+    @nn.compact
+    def __call__(self, x):
+        h = nn.relu(nn.Dense(self.width)(x))
+        h = nn.relu(nn.Dense(self.width)(h))
+        return nn.Dense(1)(h * 64 / self.width)  # MuReadout's multiplier, in the model
+
+
+def test_the_mup_snippet_runs():
+    import lrmult
+
+    env = {"jax": jax, "lrmult": lrmult, "Model": Model, "key": jax.random.PRNGKey(0)}
+    env["x"] = jnp.ones((2, 3))
+    exec(block_after("### μP"), env)
+    rows = {r.name: r for r in env["trainer"].explain()}
+    assert rows["Dense_1/kernel"].lr_mult == 1 / 16 and rows["Dense_1/kernel"].wd_mult == 16
+    assert rows["Dense_0/kernel"].lr_source == rows["Dense_2/kernel"].lr_source == "default"
