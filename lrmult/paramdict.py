@@ -196,6 +196,7 @@ class ParamDict(Mapping[str, Parameter]):
                         f"stacked[{key!r}]: parameter {name!r} of shape {p.shape} has fewer than "
                         f"{axes} axes"
                     )
+                p.check_stack(axes)
                 plan.append((p, axes, len(prefix.split("/"))))
         for p, axes, depth in plan:
             p.declare_stack(axes, depth)
@@ -347,28 +348,36 @@ class ParamDict(Mapping[str, Parameter]):
                     out[p.layer_name(index)] = (name, index)
         return out
 
-    def gather(self, values: Mapping[str, Any], base: Any) -> dict[str, Any]:
+    def gather(
+        self, values: Mapping[str, Any], fill: Any
+    ) -> dict[str, tuple[Any, np.ndarray | None]]:
         """Values given per unit (see `units`), gathered per Parameter.
 
         Args:
           values: `{unit name: value}`.
-          base: `base(parameter)` gives a stacked Parameter's array for the layers `values`
-            does not name (ones for a factor, the current values for a setting).
+          fill: what a stacked Parameter's array holds at the layers `values` does not name (a
+            valid value: those entries are not taken, see `Parameter.assign(layers=...)`).
 
         Returns:
-          `{parameter name: value}`: the unit's value, or an array over a stack's layers.
+          `{parameter name: (value, layers)}`: the unit's value and None, or for a stack an array
+          over its layers and the mask of the layers `values` names (None when it names all).
         """
         units = self.units()
-        out: dict[str, Any] = {}
+        out: dict[str, tuple[Any, np.ndarray | None]] = {}
         for unit, value in values.items():
             name, index = units[unit]
             if index is None:
-                out[name] = value
+                out[name] = (value, None)
                 continue
             if name not in out:
-                out[name] = np.array(base(self._params[name]))
-            out[name][index] = value
-        return out
+                shape = self._params[name].stack_shape
+                out[name] = (np.full(shape, fill, np.asarray(fill).dtype), np.zeros(shape, bool))
+            out[name][0][index] = value
+            out[name][1][index] = True
+        return {
+            name: (value, None if layers is None or layers.all() else layers)
+            for name, (value, layers) in out.items()
+        }
 
     def layers_of(self, name: str) -> np.ndarray | None:
         """The mask of the layers of stacked Parameter `name` this dict selects (None: all)."""
@@ -414,8 +423,11 @@ class ParamDict(Mapping[str, Parameter]):
     def setattr(self, attr: str, value: Any) -> ParamDict:
         """Set `attr` (`lr_mult`, `wd_mult`, `frozen` or `grad_req`) on every Parameter.
 
-        `None` unsets the attribute, so the optimizer's override dicts apply again. The value is
-        checked once before any Parameter changes. Returns this dict, for chaining.
+        `None` unsets the attribute, so the optimizer's override dicts apply again. On a dict
+        that selects some layers of a stack (`params.select("layers/[0-2]/")`), only those
+        layers are set (or unset): the others keep what they have, set or not, and an array
+        value is shaped like the stacked axes, of which the selected entries are taken. The value
+        is checked before any Parameter changes. Returns this dict, for chaining.
         """
         if attr not in ATTRIBUTES:
             raise AttributeError(
@@ -425,34 +437,19 @@ class ParamDict(Mapping[str, Parameter]):
         where = f"ParamDict.setattr({attr!r})"
         if value is not None:
             if attr == "grad_req":
-                value = check_grad_req(value, where)
-                attr = "frozen"
+                check_grad_req(value, where)
             elif attr == "frozen":
-                value = check_frozen(value, where)
+                check_frozen(value, where)
             else:
-                value = check_multiplier(attr, value, where)
+                check_multiplier(attr, value, where)
         elif attr == "grad_req":
             raise ValueError("setattr: grad_req must be 'write' or 'null', got None")
-        new = {}
-        for name, param in self._params.items():
-            mask = self._layers.get(name)
-            if mask is None:
-                new[name] = value
-            elif value is None:
-                raise ValueError(
-                    f"setattr: {attr} cannot be unset on some layers of {name!r}; set a value"
-                )
-            else:  # the other layers keep what they read now
-                current = getattr(param, attr)
-                entries = np.array(np.broadcast_to(current, param.stack_shape), dtype=float)
-                entries[mask] = value
-                new[name] = entries.astype(bool) if attr == "frozen" else entries
-                if attr == "frozen":
-                    check_frozen(new[name], name, param.shape, param.stacked)
-                else:
-                    check_multiplier(attr, new[name], name, param.shape, param.stacked)
-        for name, param in self._params.items():
-            param.assign(attr, new[name])
+        plans = [
+            (param, *param.planned(attr, value, layers=self._layers.get(name)))
+            for name, param in self._params.items()
+        ]
+        for param, name, setting in plans:
+            param.put(name, setting)
         return self
 
     def update(self, other: Mapping[str, Parameter]) -> None:
@@ -628,28 +625,16 @@ class ParamDict(Mapping[str, Parameter]):
 
     # -- display -----------------------------------------------------------------------------------
     def table(self) -> Table:
-        """The parameters as a table; `-` marks an attribute that is not set on the Parameter."""
-
-        def show(p: Parameter, attr: str) -> Any:
-            if not p.is_set(attr):
-                return "-"
-            value = p.frozen_layers if attr == "frozen" else None
-            value = getattr(p, attr) if value is None else value
-            if isinstance(value, np.ndarray) and value.dtype == np.bool_:
-                return str(value.ravel().tolist())
-            if isinstance(value, np.ndarray):  # per layer: one entry each
-                return "[" + ", ".join(f"{v:.6g}" for v in value.ravel().tolist()) + "]"
-            return str(value)
-
+        """The parameters as a table; `-` marks an attribute (or a stack's layer) left unset."""
         rows = [
             ParamRow(
                 i,
                 name,
                 p.shape,
                 str(p.dtype),
-                show(p, "lr_mult"),
-                show(p, "wd_mult"),
-                show(p, "frozen"),
+                p.shown("lr_mult"),
+                p.shown("wd_mult"),
+                p.shown("frozen"),
             )
             for i, (name, p) in enumerate(self._params.items())
         ]

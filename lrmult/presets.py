@@ -58,18 +58,22 @@ def _check_params(params: object, where: str) -> None:
         raise TypeError(f"{where}: params must be a ParamDict, got {type(params).__name__}")
 
 
-def _compose(params: ParamDict, attr: str, factors: dict[str, Any], origin: str) -> ParamDict:
+def _compose(
+    params: ParamDict, attr: str, factors: dict[str, tuple[Any, Any]], origin: str
+) -> ParamDict:
     """Multiply `attr` of each named Parameter by its factor, all checked before any change.
 
-    A factor may be an array over a stacked Parameter's layers; the result is then an array.
+    `factors` is what `ParamDict.gather` gives: a factor may be an array over a stack's layers,
+    of which only the named layers are set (the others keep what they have, set or not).
     """
     new = {}
-    for name, factor in factors.items():
+    for name, (factor, layers) in factors.items():
         p = params[name]
         value = getattr(p, attr) * factor  # an unset multiplier reads as 1.0
-        new[name] = check_multiplier(attr, value, f"{name} ({origin})", p.shape, p.stacked)
-    for name, value in new.items():
-        params[name].assign(attr, value, origin)
+        check_multiplier(attr, value, f"{name} ({origin})", p.shape, p.stacked)
+        new[name] = p.planned(attr, value, origin, layers)
+    for name, plan in new.items():
+        params[name].put(*plan)
     return _subset(params, list(new))
 
 
@@ -191,7 +195,7 @@ def layerwise_lr_decay(
                 f"{where}: decay {decay!r} ** {top - ids[name]} underflows to 0 for {name!r}; "
                 f"use fewer layers or a decay closer to 1"
             )
-    factors = params.gather(factors, lambda p: np.ones(p.stack_shape))
+    factors = params.gather(factors, 1.0)
     return _compose(params, "lr_mult", factors, "preset:layerwise_lr_decay")
 
 
@@ -263,7 +267,7 @@ def no_decay(
     if not chosen:
         rule = "ends in weight/gamma/kernel" if mxnet else "is chosen by rank or names"
         raise ValueError(f"no_decay: every parameter {rule}; nothing would change")
-    factors = params.gather(dict.fromkeys(chosen, 0.0), lambda p: np.ones(p.stack_shape))
+    factors = params.gather(dict.fromkeys(chosen, 0.0), 1.0)
     return _compose(params, "wd_mult", factors, "preset:no_decay")
 
 
@@ -307,13 +311,15 @@ def linear_probe(params: ParamDict, head: Pattern) -> ParamDict:
     """
     _check_params(params, "linear_probe")
     chosen = params.select(head)
-    if len(chosen) == len(params):
+    if len(chosen.units()) == len(params.units()):  # every layer of every stack too
         raise ValueError(
             f"linear_probe: head pattern {_show(head)} matches every parameter, so nothing "
             f"would be frozen; match the head only (e.g. 'head/')"
         )
     for name, p in params.items():
-        p.assign("frozen", name not in chosen, "preset:linear_probe")
+        layers = chosen.layers_of(name) if name in chosen else None
+        frozen = name not in chosen if layers is None else ~layers  # a stack's head layers only
+        p.assign("frozen", frozen, "preset:linear_probe")
     return chosen
 
 

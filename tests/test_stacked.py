@@ -337,6 +337,148 @@ def test_sharded_stacked_leaves_layer_axis_sharded_or_replicated():
 def test_a_partly_frozen_stack_shows_its_frozen_layers():
     pd = ParamDict.from_pytree({"layers": {"k": jnp.ones((4, 2, 2))}}, stacked={"layers": 1})
     pd.select("layers/[0-1]/").setattr("frozen", True)
-    assert "[True, True, False, False]" in str(pd)
-    assert "frozen=[True, True, False, False]" in repr(pd["layers/k"])
+    assert "[True, True, -, -]" in str(pd)  # layers 2-3 were never set: '-'
+    assert "frozen=[True, True, -, -]" in repr(pd["layers/k"])
+    np.testing.assert_array_equal(pd["layers/k"].frozen_layers, [True, True, False, False])
     assert pd["layers/k"].frozen is False  # the leaf still trains: its gradient is computed
+
+
+# -- per-layer settings are per-layer "set": untouched layers fall through the chain -----------
+
+ETA = 0.1
+GRAD = jax.grad(stacked_loss)({"layers": {"kernel": KERNEL, "bias": BIAS}}, X, Y)["layers"]
+
+
+def bare_stack():
+    tree = {"layers": {"kernel": jnp.asarray(KERNEL), "bias": jnp.asarray(BIAS)}}
+    return ParamDict.from_pytree(tree, stacked={"layers": 1})
+
+
+def sgd_step_kernel(pd, lr_overrides=None):
+    """One plain SGD step (lr ETA) through the Trainer; the new kernel."""
+    trainer = Trainer(pd, "sgd", {"learning_rate": ETA})
+    if lr_overrides:
+        trainer.set_lr_mult(lr_overrides)
+    rows = {r.name: r for r in trainer.explain()}
+    trainer.train_step(stacked_loss, X, Y)
+    return np.asarray(pd["layers/kernel"].data()), rows
+
+
+def expected_kernel(mults):
+    """w_l - η·m_l·g_l, layer by layer."""
+    return np.stack([KERNEL[i] - ETA * mults[i] * np.asarray(GRAD["kernel"][i]) for i in range(L)])
+
+
+def test_untouched_layers_stay_unset_and_fall_through_to_the_overrides():
+    pd = bare_stack()
+    pd.select("layers/[0-1]/").setattr("lr_mult", 0.5)
+    p = pd["layers/kernel"]
+    assert p.is_set("lr_mult")
+    np.testing.assert_array_equal(p.set_mask("lr_mult"), [True, True, False, False])
+    # the leaf's own name acts on layers 2-3, which the Parameter leaves unset
+    kernel, rows = sgd_step_kernel(pd, {"layers/kernel": 3.0})
+    np.testing.assert_allclose(kernel, expected_kernel([0.5, 0.5, 3.0, 3.0]), rtol=1e-6)
+    assert [rows[f"layers/{i}/kernel"].lr_source for i in range(L)] == ["param"] * 2 + ["name"] * 2
+    assert [rows[f"layers/{i}/kernel"].lr_mult for i in range(L)] == [0.5, 0.5, 3.0, 3.0]
+    assert rows["layers/3/kernel"].lr == pytest.approx(ETA * 3.0)
+    assert rows["layers/3/bias"].lr_source == "default"  # the bias's layers 2-3: no override
+
+
+def test_unsetting_some_layers_unsets_those_only():
+    pd = bare_stack()
+    pd.setattr("lr_mult", 0.5)
+    pd.select("layers/[2-3]/").setattr("lr_mult", None)
+    p = pd["layers/kernel"]
+    np.testing.assert_array_equal(p.set_mask("lr_mult"), [True, True, False, False])
+    np.testing.assert_array_equal(p.lr_mult, [0.5, 0.5, 1.0, 1.0])
+    pd.select("layers/[0-1]/").setattr("lr_mult", None)
+    assert not p.is_set("lr_mult") and p.lr_mult == 1.0  # nothing left set: plainly unset
+    pd.setattr("lr_mult", 2.0)
+    del pd["layers/kernel"].lr_mult  # del on the Parameter unsets every layer
+    assert not p.is_set("lr_mult")
+
+
+def test_unset_layers_read_the_default_and_explain_says_so():
+    pd = bare_stack()
+    pd.select("layers/1/").setattr("wd_mult", 0.0)
+    trainer = Trainer(pd, "sgd", {"learning_rate": ETA, "wd": 0.5})
+    rows = {r.name: r for r in trainer.explain()}
+    assert [rows[f"layers/{i}/bias"].wd_source for i in range(L)] == [
+        "default",
+        "param",
+        "default",
+        "default",
+    ]
+    assert rows["layers/1/bias"].wd == 0.0 and rows["layers/0/bias"].wd == pytest.approx(0.5)
+
+
+def test_rules_and_presets_name_their_own_layers_only():
+    pd = bare_stack()
+    lrmult.apply_rules(pd, [("layers/[0-1]/", {"lr_mult": 0.1}), ("layers/3/", {"lr_mult": 0.2})])
+    trainer = Trainer(pd, "sgd", {"learning_rate": ETA})
+    rows = {r.name: r for r in trainer.explain()}
+    assert [rows[f"layers/{i}/kernel"].lr_source for i in range(L)] == [
+        "rule 0 'layers/[0-1]/'",
+        "rule 0 'layers/[0-1]/'",
+        "default",
+        "rule 1 'layers/3/'",
+    ]
+    # a preset on a selection of layers composes on those layers only
+    lrmult.presets.layerwise_lr_decay(pd.select("layers/[2-3]/"), 0.5, num_layers=4)
+    p = pd["layers/kernel"]
+    np.testing.assert_allclose(p.lr_mult, [0.1, 0.1, 0.5, 0.2])  # ids 3, 4 of top 4: 0.5, 1
+    assert list(p.origin("lr_mult")) == [
+        "rule 0 'layers/[0-1]/'",
+        "rule 0 'layers/[0-1]/'",
+        "preset:layerwise_lr_decay",
+        "preset:layerwise_lr_decay",
+    ]
+
+
+def test_linear_probe_on_the_top_layer_of_a_stack_freezes_the_others():
+    pd = bare_stack()
+    lrmult.presets.linear_probe(pd, "layers/3/")
+    np.testing.assert_array_equal(pd["layers/kernel"].frozen_layers, [True, True, True, False])
+
+
+def test_per_layer_set_ness_survives_describe_and_a_trainer_checkpoint(tmp_path):
+    pd = bare_stack()
+    pd.select("layers/[0-1]/").setattr("lr_mult", 0.5)
+    pd.select("layers/3/").setattr("frozen", True)
+    trainer = Trainer(pd, "sgd", {"learning_rate": ETA})
+    trainer.set_lr_mult({"layers/kernel": 3.0})
+    trainer.train_step(stacked_loss, X, Y)
+    described = {d["name"]: d for d in pd.describe()}["layers/kernel"]
+    assert described["origin"]["lr_mult"] == ["param", "param", None, None]
+    trainer.save_states(tmp_path / "t")
+
+    def seen():
+        return [
+            (r.name, r.lr_mult, r.lr_source, r.frozen, r.frozen_source) for r in trainer.explain()
+        ]
+
+    before = seen()
+    pd.setattr("lr_mult", 2.0).setattr("frozen", None)  # everything set, then restored
+    trainer.load_states(tmp_path / "t")
+    p = pd["layers/kernel"]
+    np.testing.assert_array_equal(p.set_mask("lr_mult"), [True, True, False, False])
+    np.testing.assert_array_equal(p.set_mask("frozen"), [False, False, False, True])
+    after = seen()
+    assert after == before
+    assert ("layers/2/kernel", 3.0, "name", False, "default") in after
+
+
+def test_a_checkpoint_from_before_per_layer_set_ness_reads_as_set_on_every_layer():
+    pd = bare_stack()
+    p = pd["layers/kernel"]
+    p.restore_metadata({"lr_mult": [0.5, 0.5, 1.0, 1.0], "wd_mult": None, "frozen": None})
+    assert p.origin("lr_mult") == "param" and np.all(p.set_mask("lr_mult"))
+
+
+def test_a_per_layer_array_value_takes_the_selected_entries():
+    pd = bare_stack()
+    pd.select("layers/[1-2]/").setattr("lr_mult", np.array([9.0, 0.2, 0.3, 9.0]))
+    np.testing.assert_array_equal(pd["layers/kernel"].lr_mult, [1.0, 0.2, 0.3, 1.0])
+    with pytest.raises(ValueError, match=r"'layers/bias'.*shape \(3,\).*shape \(4, 3\)"):
+        pd.select("layers/[1-2]/").setattr("lr_mult", np.ones(3))
+    np.testing.assert_array_equal(pd["layers/kernel"].lr_mult, [1.0, 0.2, 0.3, 1.0])
