@@ -482,3 +482,97 @@ def test_a_per_layer_array_value_takes_the_selected_entries():
     with pytest.raises(ValueError, match=r"'layers/bias'.*shape \(3,\).*shape \(4, 3\)"):
         pd.select("layers/[1-2]/").setattr("lr_mult", np.ones(3))
     np.testing.assert_array_equal(pd["layers/kernel"].lr_mult, [1.0, 0.2, 0.3, 1.0])
+
+
+# -- override dicts name single layers of a stack ------------------------------------------------
+
+
+def test_set_lr_mult_by_per_layer_name():
+    pd = bare_stack()
+    kernel, rows = sgd_step_kernel(pd, {"layers/3/kernel": 0.1, "layers/1/kernel": 0.0})
+    np.testing.assert_allclose(kernel, expected_kernel([1.0, 0.0, 1.0, 0.1]), rtol=1e-6)
+    assert (rows["layers/3/kernel"].lr_mult, rows["layers/3/kernel"].lr_source) == (0.1, "name")
+    assert rows["layers/0/kernel"].lr_source == "default"
+    np.testing.assert_array_equal(pd["layers/bias"].data(), BIAS - ETA * GRAD["bias"])
+
+
+def test_a_layer_name_refines_the_leaf_name_and_an_index_beats_both():
+    pd = bare_stack()
+    _, rows = sgd_step_kernel(pd, {"layers/kernel": 2.0, "layers/0/kernel": 0.5})
+    assert [rows[f"layers/{i}/kernel"].lr_mult for i in range(L)] == [0.5, 2.0, 2.0, 2.0]
+    index = pd.index("layers/kernel")
+    _, rows = sgd_step_kernel(bare_stack(), {index: 4.0, "layers/0/kernel": 0.5})
+    assert [rows[f"layers/{i}/kernel"].lr_source for i in range(L)] == ["index"] * L
+
+
+def test_per_layer_override_errors_are_loud_and_change_nothing():
+    pd = bare_stack()
+    pd.select("layers/3/").setattr("lr_mult", 2.0)
+    trainer = Trainer(pd, "sgd", {"learning_rate": ETA})
+    trainer.set_lr_mult({"layers/2/kernel": 0.1})
+    with pytest.raises(KeyError, match=r"'layers/9/kernel' names no parameter.*did you mean"):
+        trainer.set_lr_mult({"layers/0/kernel": 0.3, "layers/9/kernel": 0.1})
+    with pytest.raises(ValueError, match=r"'layers/3/kernel' for layer \[3\].*never act.*=2"):
+        trainer.set_lr_mult({"layers/3/kernel": 0.1})
+    assert trainer.set_lr_mult({}) == {"layers/2/kernel": 0.1}  # the failed calls merged nothing
+    trainer.set_lr_mult({"layers/kernel": 0.7})  # acts on layers 0-2: allowed
+    pd.setattr("wd_mult", 0.0)
+    with pytest.raises(ValueError, match=r"'layers/kernel'.*never act"):
+        trainer.set_wd_mult({"layers/kernel": 0.5})
+
+
+def test_a_layer_override_shadowed_later_warns_once():
+    pd = bare_stack()
+    trainer = Trainer(pd, "sgd", {"learning_rate": ETA})
+    trainer.set_lr_mult({"layers/3/kernel": 0.1, "layers/kernel": 0.2})
+    trainer.train_step(stacked_loss, X, Y)
+    pd.select("layers/3/").setattr("lr_mult", 5.0)
+    with pytest.warns(UserWarning, match="'layers/3/kernel' no longer acts") as caught:
+        trainer.train_step(stacked_loss, X, Y)
+    assert len(caught) == 1  # the leaf's own name still acts on layers 0-2
+
+
+def test_optax_level_overrides_by_per_layer_name():
+    pd = bare_stack()
+    lam = 0.5
+    tx = optax.chain(
+        lrmult.add_decayed_weights(lam, pd, wd_mult={"layers/1/kernel": 0.0}),
+        optax.sgd(ETA),
+        lrmult.scale_by_lr_mult(pd, lr_mult={"layers/3/kernel": 0.1}),
+    )
+    tree = pd.tree()
+    state = tx.init(tree)
+    g = jax.grad(stacked_loss)(tree, X, Y)
+    u, _ = jax.jit(tx.update)(g, state, tree)
+    m, d = [1.0, 1.0, 1.0, 0.1], [1.0, 0.0, 1.0, 1.0]
+    want = np.stack(
+        [-ETA * m[i] * (np.asarray(GRAD["kernel"][i]) + lam * d[i] * KERNEL[i]) for i in range(L)]
+    )
+    np.testing.assert_allclose(u["layers"]["kernel"], want, rtol=1e-5)
+    rows = {r.name: r for r in lrmult.explain(state, learning_rate=ETA)}
+    assert (rows["layers/1/kernel"].wd_mult, rows["layers/1/kernel"].wd_source) == (0.0, "name")
+    assert rows["layers/3/kernel"].lr == pytest.approx(ETA * 0.1)
+
+
+def test_optax_level_per_layer_override_errors():
+    pd = bare_stack()
+    with pytest.raises(KeyError, match=r"'layers/7/kernel' names no parameter"):
+        lrmult.scale_by_lr_mult(pd, lr_mult={"layers/7/kernel": 0.1}).init(pd.tree())
+    with pytest.raises(KeyError, match="stacks declared with .*param_dict="):
+        lrmult.scale_by_lr_mult(lr_mult={"layers/3/kernel": 0.1}).init(pd.tree())
+    pd.select("layers/3/").setattr("lr_mult", 2.0)
+    with pytest.raises(ValueError, match=r"'layers/3/kernel' for layer \[3\].*never act"):
+        lrmult.sgd(ETA, param_dict=pd, lr_mult={"layers/3/kernel": 0.1})
+
+
+def test_per_layer_override_keys_survive_a_non_strict_load(tmp_path):
+    pd = bare_stack()
+    trainer = Trainer(pd, "sgd", {"learning_rate": ETA})
+    trainer.set_lr_mult({"layers/3/kernel": 0.1})
+    trainer.save_states(tmp_path / "t")
+    fresh = bare_stack()
+    other = Trainer(fresh, "sgd", {"learning_rate": ETA})
+    other.load_states(tmp_path / "t", strict=False)
+    assert other.set_lr_mult({}) == {"layers/3/kernel": 0.1}
+    rows = {r.name: r for r in other.explain()}
+    assert (rows["layers/3/kernel"].lr_mult, rows["layers/3/kernel"].lr_source) == (0.1, "name")
