@@ -113,7 +113,7 @@ class ParamDict(Mapping[str, Parameter]):
     # -- construction --------------------------------------------------------------------------
     @classmethod
     def from_pytree(
-        cls, tree: Any, *, prefix: str = "", stacked: Mapping[str, int] | None = None
+        cls, tree: Any, *, prefix: str = "", stacked: Mapping[str, int] | str | None = None
     ) -> ParamDict:
         """One Parameter per array leaf, named by its key path joined with `/`.
 
@@ -129,7 +129,9 @@ class ParamDict(Mapping[str, Parameter]):
             (`{"layers": 1}`: every leaf under `layers/` is `(L, ...)`). Layer `i` of the leaf
             `layers/attn/kernel` is then named `layers/i/attn/kernel`, as the unstacked model
             would name it: `select` matches these names, and `setattr` through such a selection
-            sets that layer's entry of the multiplier array.
+            sets that layer's entry of the multiplier array. For Linen params with partitioning
+            boxes, a str names the stacked axis by its partition name instead (`"layers"`, as
+            given to `nn.scan(metadata_params={nn.PARTITION_NAME: "layers"})`): see `from_linen`.
 
         Returns:
           A ParamDict in JAX's flatten order, whose `tree()` has the structure of `tree`.
@@ -142,7 +144,13 @@ class ParamDict(Mapping[str, Parameter]):
         if not isinstance(prefix, str):
             raise TypeError(f"from_pytree: prefix must be a str, got {type(prefix).__name__}")
         if flax_trees.has_boxes(tree):
-            return cls.from_linen(tree, prefix=prefix).declare_stacks(stacked)
+            return cls.from_linen(tree, prefix=prefix, stacked=stacked)
+        if isinstance(stacked, str):
+            raise ValueError(
+                f"from_pytree: stacked={stacked!r} names a partition axis, but the tree holds no "
+                f"flax partitioning metadata (Linen nn.Partitioned boxes) to find it in; declare "
+                f"the stack by its path instead: stacked={{'layers': 1}}"
+            )
         leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
         if not leaves:
             raise ValueError("from_pytree: the tree has no array leaves")
@@ -177,7 +185,10 @@ class ParamDict(Mapping[str, Parameter]):
         if stacked is None:
             return self
         if not isinstance(stacked, Mapping):
-            raise TypeError(f"stacked must be a dict prefix -> axes, got {type(stacked).__name__}")
+            raise TypeError(
+                f"stacked must be a dict prefix -> axes (or, for flax models built by "
+                f"from_linen / from_nnx, a partition name), got {type(stacked).__name__}"
+            )
         plan = []
         for key, axes in stacked.items():
             if isinstance(axes, bool) or not isinstance(axes, int) or axes < 1:
@@ -203,7 +214,9 @@ class ParamDict(Mapping[str, Parameter]):
         return self
 
     @classmethod
-    def from_linen(cls, params: Any, *, prefix: str = "") -> ParamDict:
+    def from_linen(
+        cls, params: Any, *, prefix: str = "", stacked: Mapping[str, int] | str | None = None
+    ) -> ParamDict:
         """One Parameter per leaf of Linen params, seen through their metadata boxes.
 
         `nn.with_partitioning` (and `nn.with_logical_partitioning`) wrap leaves in boxes whose
@@ -215,9 +228,19 @@ class ParamDict(Mapping[str, Parameter]):
         Args:
           params: `variables["params"]` of a Linen model, boxed or not.
           prefix: prepended to every name as is.
+          stacked: the stacks of an `nn.scan` model: `{path prefix: leading stacked axes}` (as
+            for `from_pytree`), or the partition name of the stacked axis, as given to
+            `nn.scan(..., metadata_params={nn.PARTITION_NAME: "layers"})`. flax writes that name
+            into the boxes of partitioned parameters only; lrmult finds each stack's path from
+            them (every parameter under it is stacked, boxed or not) and refuses, saying what to
+            declare, where they do not decide it.
 
         Returns:
           A ParamDict whose `tree()` has the structure of `params`, boxes included.
+
+        Example:
+          >>> params = lrmult.from_linen(variables["params"], stacked="layers")
+          >>> params.select("layers/[0-3]/").setattr("frozen", True)
         """
         if isinstance(params, Mapping) and "params" in params:
             raise ValueError(
@@ -237,7 +260,11 @@ class ParamDict(Mapping[str, Parameter]):
         # The boxes' metadata (names, mesh, rules) is static data of the treedef: keep it as the
         # dict's structure, so tree() re-boxes the current values.
         out._structure = (treedef, names)
-        return out
+        if isinstance(stacked, str):
+            axes = flax_trees.linen_partition_names(params)
+            leaves = [(prefix + n, out[prefix + n].shape, axes[n]) for n in axes]
+            stacked = flax_trees.stacks_by_axis(stacked, leaves, "from_linen")
+        return out.declare_stacks(stacked)
 
     @classmethod
     def from_nnx(
@@ -247,7 +274,7 @@ class ParamDict(Mapping[str, Parameter]):
         *,
         wrt: Any = None,
         prefix: str = "",
-        stacked: Mapping[str, int] | None = None,
+        stacked: Mapping[str, int] | str | None = None,
     ) -> ParamDict:
         """One Parameter per `filter` Variable (default `nnx.Param`) of an NNX module.
 
@@ -262,7 +289,13 @@ class ParamDict(Mapping[str, Parameter]):
           filter: an nnx filter choosing the Variables to train; `None` means `nnx.Param`.
           wrt: an alias of `filter` (the name `nnx.Optimizer` uses); give one of the two.
           prefix: prepended to every name as is.
-          stacked: the stacks of an `nnx.scan` / `nnx.vmap` model, as for `from_pytree`.
+          stacked: the stacks of an `nnx.scan` / `nnx.vmap` model: `{path prefix: leading
+            stacked axes}` as for `from_pytree`, or the partition name of the stacked axis, as
+            given to `nnx.vmap(..., transform_metadata={nnx.PARTITION_NAME: "layers"})`. flax
+            writes that name into the `out_sharding` of partitioned Variables only
+            (`nnx.with_partitioning`); lrmult finds each stack's path from them (every Variable
+            under it is stacked, partitioned or not) and refuses, saying what to declare, where
+            they do not decide it.
 
         Returns:
           A ParamDict whose `tree()` is a pure `nnx.State` (arrays, no Variables):
@@ -294,6 +327,10 @@ class ParamDict(Mapping[str, Parameter]):
             for attr in _NNX_METADATA:
                 if attr in meta:
                     params[prefix + name].assign(attr, meta[attr])  # validated, naming the param
+        if isinstance(stacked, str):
+            axes = flax_trees.nnx_partition_names(variables)
+            leaves = [(prefix + n, params[prefix + n].shape, axes[n]) for n in variables]
+            stacked = flax_trees.stacks_by_axis(stacked, leaves, "from_nnx")
         return params.declare_stacks(stacked)
 
     def _add(self, name: str, param: Parameter) -> None:

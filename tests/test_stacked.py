@@ -576,3 +576,159 @@ def test_per_layer_override_keys_survive_a_non_strict_load(tmp_path):
     assert other.set_lr_mult({}) == {"layers/3/kernel": 0.1}
     rows = {r.name: r for r in other.explain()}
     assert (rows["layers/3/kernel"].lr_mult, rows["layers/3/kernel"].lr_source) == (0.1, "name")
+
+
+# -- stacks found by the partition name flax records (nnx.vmap / nnx.scan, Linen nn.scan) --------
+
+
+def nnx_stacked_model(out_axes=0, mark=("attn", "mlp"), sizes=(L,)):
+    """An nnx.vmap-built stack per size: attn and mlp partitioned, their LayerNorm not; a head."""
+    from flax import nnx
+
+    init = nnx.initializers.lecun_normal()
+
+    def linear(part, rngs):
+        if part in mark:
+            return nnx.Linear(D, D, kernel_init=nnx.with_partitioning(init, (None, "m")), rngs=rngs)
+        return nnx.Linear(D, D, rngs=rngs)
+
+    class Block(nnx.Module):
+        def __init__(self, rngs):
+            self.attn = linear("attn", rngs)
+            self.mlp = linear("mlp", rngs)
+            self.ln = nnx.LayerNorm(D, rngs=rngs)
+
+        def __call__(self, x):
+            return self.ln(jnp.tanh(self.mlp(jnp.tanh(self.attn(x)))))
+
+    def stack(n, rngs):
+        @nnx.split_rngs(splits=n)
+        @nnx.vmap(
+            in_axes=(0,), out_axes=out_axes, transform_metadata={nnx.PARTITION_NAME: "layers"}
+        )
+        def make(rngs):
+            return Block(rngs)
+
+        return make(rngs)
+
+    class Model(nnx.Module):
+        def __init__(self, rngs):
+            self.layers = stack(sizes[0], rngs)
+            if len(sizes) > 1:
+                self.decoder = stack(sizes[1], rngs)
+            self.head = nnx.Linear(
+                D, 1, kernel_init=nnx.with_partitioning(init, ("m", None)), rngs=rngs
+            )
+
+        def __call__(self, x):
+            @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry)
+            def run(block, x):
+                return block(x)
+
+            return self.head(run(self.layers, x))
+
+    with nnx.use_eager_sharding(False):  # partition names without a mesh
+        return Model(nnx.Rngs(0))
+
+
+def test_from_nnx_finds_the_stack_by_its_partition_name_and_trains_per_layer():
+    from flax import nnx
+
+    model = nnx_stacked_model()
+    pd = lrmult.from_nnx(model, stacked="layers")
+    declared = lrmult.from_nnx(nnx_stacked_model(), stacked={"layers": 1})
+    assert {n: p.stacked for n, p in pd.items()} == {n: p.stacked for n, p in declared.items()}
+    assert pd["layers/ln/scale"].stacked == 1  # not partitioned, but inside the stack
+    assert pd["head/kernel"].stacked == 0
+    assert "layers/2/mlp/kernel" in pd.units()
+    lrmult.presets.no_decay(pd)  # a stacked LayerNorm scale (L, d) is 1-D per layer
+    np.testing.assert_array_equal(pd["layers/ln/scale"].wd_mult, np.zeros(L))
+    assert not pd["layers/mlp/kernel"].is_set("wd_mult")
+    mults = np.array([0.0, 0.5, 1.0, 2.0])
+    pd.select("layers/").setattr("lr_mult", mults)
+
+    def loss_fn(model, x, y):
+        return jnp.mean((model(x) - y[:, :1]) ** 2)
+
+    grads = nnx.grad(loss_fn)(model, X, Y)
+    before = np.asarray(model.layers.mlp.kernel[...])
+    trainer = lrmult.NNXTrainer(model, pd, "sgd", {"learning_rate": ETA})
+    trainer.train_step(loss_fn, X, Y)
+    g = np.asarray(grads["layers"]["mlp"]["kernel"][...])
+    want = before - ETA * mults[:, None, None] * g  # w_l - η·m_l·g_l
+    np.testing.assert_allclose(model.layers.mlp.kernel[...], want, rtol=1e-5, atol=1e-7)
+
+
+def test_from_linen_finds_an_nn_scan_stack_by_its_partition_name():
+    import flax.linen as nn
+
+    class Block(nn.Module):
+        @nn.compact
+        def __call__(self, x, _):
+            init = nn.with_partitioning(nn.initializers.lecun_normal(), (None, "m"))
+            x = jnp.tanh(nn.Dense(D, kernel_init=init)(x))
+            x = jnp.tanh(nn.Dense(D, kernel_init=init)(x))
+            return nn.LayerNorm()(x), None
+
+    class Model(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            scan = nn.scan(
+                Block,
+                variable_axes={"params": 0},
+                split_rngs={"params": True},
+                length=L,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )
+            x, _ = scan(name="layers")(x, None)
+            return nn.Dense(1)(x)
+
+    model = Model()
+    variables = model.init(jax.random.PRNGKey(0), X)
+    pd = ParamDict.from_pytree(variables["params"], stacked="layers")
+    assert {n for n, p in pd.items() if p.stacked} == {
+        "layers/Dense_0/bias",
+        "layers/Dense_0/kernel",
+        "layers/Dense_1/bias",
+        "layers/Dense_1/kernel",
+        "layers/LayerNorm_0/bias",  # no box, no partition name: inside the stack all the same
+        "layers/LayerNorm_0/scale",
+    }
+    # the boxes survive: the partition spec still names the stacked axis
+    spec = nn.get_partition_spec(pd.tree())["layers"]["Dense_0"]["kernel"]
+    assert tuple(spec) == ("layers", None, "m")
+    pd.select("layers/[0-1]/").setattr("frozen", True)
+
+    def loss_fn(params, x, y):
+        return jnp.mean((model.apply({"params": params}, x) - y[:, :1]) ** 2)
+
+    start = nn.meta.unbox(variables["params"])
+    g = jax.grad(loss_fn)(start, X, Y)["layers"]["Dense_0"]["kernel"]
+    trainer = Trainer(pd, "sgd", {"learning_rate": ETA})
+    trainer.train_step(lambda tree, x, y: loss_fn(nn.meta.unbox(tree), x, y), X, Y)
+    got = np.asarray(pd["layers/Dense_0/kernel"].data())
+    w = np.asarray(start["layers"]["Dense_0"]["kernel"])
+    np.testing.assert_array_equal(got[:2], w[:2])  # frozen layers: exactly unchanged
+    np.testing.assert_allclose(got[2:], w[2:] - ETA * np.asarray(g)[2:], rtol=1e-5, atol=1e-7)
+
+
+def test_two_stacks_with_one_partition_name_are_told_apart_by_their_sizes():
+    model = nnx_stacked_model(sizes=(L, 2))
+    pd = lrmult.from_nnx(model, stacked="layers")
+    assert "layers/3/attn/kernel" in pd.units() and "decoder/1/ln/scale" in pd.units()
+    assert "decoder/2/attn/kernel" not in pd.units()
+
+
+def test_partition_name_errors_say_what_to_declare():
+    with pytest.raises(ValueError, match=r"no parameter's partition names hold 'layer' \(did you"):
+        lrmult.from_nnx(nnx_stacked_model(), stacked="layer")
+    with pytest.raises(ValueError, match=r"only on parameters created with partitioning"):
+        lrmult.from_nnx(nnx_stacked_model(mark=()), stacked="layers")
+    with pytest.raises(ValueError, match=r"'layers/attn/kernel' of shape \(3, 4, 3\).*position 1"):
+        lrmult.from_nnx(nnx_stacked_model(out_axes=1), stacked="layers")
+    # only mlp partitioned: its LayerNorm beside it has L layers too, so where the stack starts
+    # ('layers' or 'layers/mlp') is not decided by the metadata
+    with pytest.raises(ValueError, match=r"'layers/attn/bias'.*may belong to the same stack"):
+        lrmult.from_nnx(nnx_stacked_model(mark=("mlp",)), stacked="layers")
+    with pytest.raises(ValueError, match=r"no flax partitioning metadata.*stacked=\{'layers': 1\}"):
+        ParamDict.from_pytree({"layers": {"w": jnp.ones((L, 2))}}, stacked="layers")
