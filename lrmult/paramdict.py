@@ -485,8 +485,8 @@ class ParamDict(Mapping[str, Parameter]):
             (param, *param.planned(attr, value, layers=self._layers.get(name)))
             for name, param in self._params.items()
         ]
-        for param, name, setting in plans:
-            param.put(name, setting)
+        for param, planned_attr, setting in plans:  # grad_req comes back as frozen
+            param.put(planned_attr, setting)
         return self
 
     def update(self, other: Mapping[str, Parameter]) -> None:
