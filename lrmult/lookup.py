@@ -8,11 +8,17 @@ applies, in this order:
 3. `name`: the leaf's name is a key of the override dict;
 4. `default`: 1.0 (`frozen`: False).
 
+A stacked leaf (`stacked=` on the ParamDict) goes through the chain layer by layer: a Parameter
+may have some layers set only (the others fall through), and an override may name one layer by
+its per-layer name (`layers/3/attn/kernel`, link 3; it refines the leaf's own name, while an
+index names the whole leaf and comes first). Its values are then arrays over the stacked axes.
+
 Overrides that name nothing are `KeyError`s; overrides a set Parameter shadows are `ValueError`s.
 """
 
 from __future__ import annotations
 
+import re
 import warnings
 from collections.abc import Mapping
 from typing import Any, NamedTuple
@@ -188,34 +194,70 @@ def _param(param_dict: Mapping[str, Any] | None, name: str) -> Any:
     return param_dict.get(name) if hasattr(param_dict, "get") else None
 
 
+def layer_names(
+    param_dict: Mapping[str, Any] | None, names: Any
+) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """`{per-layer name: (parameter name, layer index)}` of the stacked Parameters in `names`."""
+    out: dict[str, tuple[str, tuple[int, ...]]] = {}
+    for name in dict.fromkeys(names):
+        param = _param(param_dict, name)
+        if param is not None and getattr(param, "stacked", 0):
+            for index in param.slices():
+                out[param.layer_name(index)] = (name, index)
+    return out
+
+
 def check_override_keys(
     attr: str,
     overrides: Mapping[int | str, float],
     leaves: list[Leaf],
     param_dict: Mapping[str, Any] | None,
 ) -> None:
-    """Every key must name a leaf, and no leaf it names may have `attr` set on its Parameter.
+    """Every key must name a leaf (or a layer of a stack), and be able to act on it.
 
     Raises:
       KeyError: a key names no parameter (with the closest names suggested).
-      ValueError: a key's leaf has `attr` set on its Parameter, so the override could never act.
+      ValueError: a key's leaf (or layer) has `attr` set on its Parameter, so the override
+        could never act.
     """
-    named = override_leaves(attr, overrides, leaves)
-    for key, leaf in named.items():
-        check_can_act(attr, key, _param(param_dict, leaf.name), leaf.name)
+    for key, (leaf, index) in override_targets(attr, overrides, leaves, param_dict).items():
+        check_can_act(attr, key, _param(param_dict, leaf.name), leaf.name, index)
 
 
 def override_leaves(
-    attr: str, overrides: Mapping[int | str, float], leaves: list[Leaf]
+    attr: str,
+    overrides: Mapping[int | str, float],
+    leaves: list[Leaf],
+    param_dict: Mapping[str, Any] | None = None,
 ) -> dict[int | str, Leaf]:
-    """The leaf each override key names.
+    """The leaf each override key names (a per-layer name names its stacked leaf).
+
+    Raises:
+      KeyError: a key names no parameter (with the closest names suggested).
+    """
+    return {
+        k: leaf for k, (leaf, _) in override_targets(attr, overrides, leaves, param_dict).items()
+    }
+
+
+def override_targets(
+    attr: str,
+    overrides: Mapping[int | str, float],
+    leaves: list[Leaf],
+    param_dict: Mapping[str, Any] | None = None,
+) -> dict[int | str, tuple[Leaf, tuple[int, ...] | None]]:
+    """`{key: (leaf, layer index or None)}`: what each override key names.
+
+    An index or a leaf's name names the whole leaf; a per-layer name of a stack in `param_dict`
+    (`layers/3/attn/kernel`) names one layer of its leaf.
 
     Raises:
       KeyError: a key names no parameter (with the closest names suggested).
     """
     by_index = {leaf.index: leaf for leaf in leaves}
     by_name = {leaf.name: leaf for leaf in leaves}
-    out = {}
+    layers: dict[str, tuple[str, tuple[int, ...]]] | None = None
+    out: dict[int | str, tuple[Leaf, tuple[int, ...] | None]] = {}
     for key in overrides:
         if isinstance(key, int):
             leaf = by_index.get(key)
@@ -224,23 +266,57 @@ def override_leaves(
                 raise KeyError(
                     f"{attr} override: index {key} names no parameter (indices run 0..{top})"
                 )
+            out[key] = (leaf, None)
+        elif key in by_name:
+            out[key] = (by_name[key], None)
         else:
-            leaf = by_name.get(key)
-            if leaf is None:
+            if layers is None:
+                layers = layer_names(param_dict, by_name)
+            if key not in layers:
                 raise KeyError(
-                    f"{attr} override: {key!r} names no parameter{suggest(key, by_name)}"
+                    f"{attr} override: {key!r} names no parameter"
+                    f"{suggest(key, [*by_name, *layers])}{_layer_hint(key, param_dict, layers)}"
                 )
-        out[key] = leaf
+            name, index = layers[key]
+            out[key] = (by_name[name], index)
     return out
 
 
-def check_can_act(attr: str, key: int | str, param: Any, name: str) -> None:
-    """Raise if `param` has `attr` set: the override `key` for it could never act."""
-    if param is not None and param.is_set(attr):
+def _layer_hint(key: str, param_dict: Any, layers: Mapping[str, Any]) -> str:
+    """Why a name that looks like a layer's (`layers/3/...`) names nothing."""
+    if layers or not re.search(r"(?:^|/)\d+(?:/|$)", key):
+        return ""
+    where = "" if param_dict is not None else ", passed as param_dict="
+    return (
+        f"; per-layer names exist for stacks declared with "
+        f"ParamDict.from_pytree(..., stacked={{prefix: 1}}){where}"
+    )
+
+
+def check_can_act(
+    attr: str, key: int | str, param: Any, name: str, index: tuple[int, ...] | None = None
+) -> None:
+    """Raise if `param` has `attr` set where the override `key` acts, so it never could.
+
+    An override for a whole stacked leaf can act while some of its layers are unset; one for a
+    layer (`index`) cannot once that layer is set.
+    """
+    if param is None or not param.is_set(attr):
+        return
+    mask = np.broadcast_to(param.set_mask(attr), param.stack_shape)
+    if index is None and np.all(mask):
         raise ValueError(
             f"{attr} override {key!r} for parameter {name!r} could never act: that "
-            f"Parameter has {attr}={getattr(param, attr)!r} set, which comes first in the "
+            f"Parameter has {attr}={param.shown(attr)} set, which comes first in the "
             f"lookup chain; unset it (del param.{attr}) or set the value on the Parameter"
+        )
+    if index is not None and mask[index]:
+        value = np.asarray(getattr(param, attr))[index]
+        raise ValueError(
+            f"{attr} override {key!r} for layer {list(index)} of parameter {name!r} could never "
+            f"act: that layer has {attr}={value:.6g} set on the Parameter, which comes first in "
+            f"the lookup chain; unset it (params.select({key!r}).setattr({attr!r}, None)) or set "
+            f"the value on the Parameter"
         )
 
 
@@ -252,22 +328,30 @@ def check_overrides_against(
 ) -> None:
     """`check_can_act` for each key whose Parameter the ParamDict alone names.
 
-    A key names a Parameter by name, by an `idx2name` entry, or by its position in the dict; this
-    runs when a transformation is built, before any tree is seen.
+    A key names a Parameter by name (or a layer of one by its per-layer name), by an `idx2name`
+    entry, or by its position in the dict; this runs when a transformation is built, before any
+    tree is seen.
     """
     if param_dict is None:
         return
     names = list(param_dict)
+    layers = None
     for key in overrides:
+        index = None
         if isinstance(key, str):
             name = key
+            if key not in param_dict:
+                layers = layer_names(param_dict, names) if layers is None else layers
+                if key not in layers:
+                    continue
+                name, index = layers[key]
         elif idx2name and key in idx2name:
             name = idx2name[key]
         elif not idx2name and 0 <= key < len(names):
             name = names[key]
         else:
             continue
-        check_can_act(attr, key, _param(param_dict, name), name)
+        check_can_act(attr, key, _param(param_dict, name), name, index)
 
 
 def frozen_mask(
@@ -291,17 +375,42 @@ def shadowed(
     leaves: list[Leaf],
     param_dict: Mapping[str, Any] | None,
 ) -> list[tuple[int | str, str]]:
-    """`(key, leaf name)` of overrides whose Parameter has since had `attr` set."""
+    """`(key, leaf name)` of overrides that no longer act: their Parameter has `attr` set since.
+
+    An override for a whole leaf is shadowed once every layer is set; one for a layer, once
+    that layer is.
+    """
     if not overrides or param_dict is None:
         return []
+    by_layer = _layer_keys(overrides, leaves, param_dict)
     out = []
     for leaf in leaves:
         param = _param(param_dict, leaf.name)
         if param is None or not param.is_set(attr):
             continue
-        for key in (leaf.index, leaf.name):
-            if key in overrides:
-                out.append((key, leaf.name))
+        mask = np.broadcast_to(param.set_mask(attr), param.stack_shape)
+        if np.all(mask):
+            out += [(key, leaf.name) for key in (leaf.index, leaf.name) if key in overrides]
+        out += [
+            (key, leaf.name) for index, key in by_layer.get(leaf.name, {}).items() if mask[index]
+        ]
+    return list(dict.fromkeys(out))
+
+
+def _layer_keys(
+    overrides: Mapping[int | str, Any], leaves: list[Leaf], param_dict: Mapping[str, Any] | None
+) -> dict[str, dict[tuple[int, ...], str]]:
+    """`{leaf name: {layer index: key}}` of the override keys that name one layer of a stack."""
+    names = {leaf.name for leaf in leaves}
+    keys = [k for k in overrides if isinstance(k, str) and k not in names]
+    if not keys or param_dict is None:
+        return {}
+    layers = layer_names(param_dict, [leaf.name for leaf in leaves])
+    out: dict[str, dict[tuple[int, ...], str]] = {}
+    for key in keys:
+        if key in layers:
+            name, index = layers[key]
+            out.setdefault(name, {})[index] = key
     return out
 
 
@@ -310,22 +419,52 @@ def resolve(
     leaves: list[Leaf],
     param_dict: Mapping[str, Any] | None,
     overrides: Mapping[int | str, float] | None = None,
-) -> list[tuple[Any, str]]:
-    """`(value, source)` of `attr` for every leaf, through the chain."""
+) -> list[tuple[Any, Any]]:
+    """`(value, source)` of `attr` for every leaf, through the chain.
+
+    Where the layers of a stacked leaf take different links, the value of a multiplier is an
+    array over the stacked axes and the source an object array of link names (use `at` to read
+    one layer's); `frozen`'s value stays the Parameter's flag (`frozen_layers` has the layers).
+    """
     overrides = overrides or {}
     default = False if attr == "frozen" else 1.0
-    out = []
+    by_layer = {} if attr == "frozen" else _layer_keys(overrides, leaves, param_dict)
+    out: list[tuple[Any, Any]] = []
     for leaf in leaves:
         param = _param(param_dict, leaf.name)
-        if param is not None and param.is_set(attr):
-            out.append((getattr(param, attr), param.origin(attr)))
-        elif attr != "frozen" and leaf.index in overrides:
-            out.append((overrides[leaf.index], "index"))
+        source = None if param is None else param.origin(attr)
+        if isinstance(source, str):
+            out.append((getattr(param, attr), source))
+            continue
+        if attr != "frozen" and leaf.index in overrides:
+            link = (overrides[leaf.index], "index")
         elif attr != "frozen" and leaf.name in overrides:
-            out.append((overrides[leaf.name], "name"))
+            link = (overrides[leaf.name], "name")
         else:
-            out.append((default, "default"))
+            link = (default, "default")
+        keys = by_layer.get(leaf.name, {}) if link[1] != "index" else {}
+        if source is None and not keys:
+            out.append(link)
+            continue
+        shape = param.stack_shape
+        values = np.full(shape, link[0], np.float64)
+        sources = np.full(shape, link[1], object)
+        for index, key in keys.items():
+            values[index], sources[index] = overrides[key], "name"
+        if source is not None:
+            mask = param.set_mask(attr)
+            if attr != "frozen":
+                values[mask] = np.broadcast_to(getattr(param, attr), shape)[mask]
+            sources[mask] = source[mask]
+        first = sources.flat[0]
+        uniform = all(s == first for s in sources.flat)
+        out.append((param.frozen if attr == "frozen" else values, first if uniform else sources))
     return out
+
+
+def at(x: Any, index: tuple[int, ...]) -> Any:
+    """One layer's entry of what `resolve` gives (a value or a source); `x` if not per layer."""
+    return x[index] if isinstance(x, np.ndarray) and index else x
 
 
 def multiplier_values(

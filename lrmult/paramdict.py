@@ -113,7 +113,7 @@ class ParamDict(Mapping[str, Parameter]):
     # -- construction --------------------------------------------------------------------------
     @classmethod
     def from_pytree(
-        cls, tree: Any, *, prefix: str = "", stacked: Mapping[str, int] | None = None
+        cls, tree: Any, *, prefix: str = "", stacked: Mapping[str, int] | str | None = None
     ) -> ParamDict:
         """One Parameter per array leaf, named by its key path joined with `/`.
 
@@ -129,7 +129,9 @@ class ParamDict(Mapping[str, Parameter]):
             (`{"layers": 1}`: every leaf under `layers/` is `(L, ...)`). Layer `i` of the leaf
             `layers/attn/kernel` is then named `layers/i/attn/kernel`, as the unstacked model
             would name it: `select` matches these names, and `setattr` through such a selection
-            sets that layer's entry of the multiplier array.
+            sets that layer's entry of the multiplier array. For Linen params with partitioning
+            boxes, a str names the stacked axis by its partition name instead (`"layers"`, as
+            given to `nn.scan(metadata_params={nn.PARTITION_NAME: "layers"})`): see `from_linen`.
 
         Returns:
           A ParamDict in JAX's flatten order, whose `tree()` has the structure of `tree`.
@@ -142,7 +144,13 @@ class ParamDict(Mapping[str, Parameter]):
         if not isinstance(prefix, str):
             raise TypeError(f"from_pytree: prefix must be a str, got {type(prefix).__name__}")
         if flax_trees.has_boxes(tree):
-            return cls.from_linen(tree, prefix=prefix).declare_stacks(stacked)
+            return cls.from_linen(tree, prefix=prefix, stacked=stacked)
+        if isinstance(stacked, str):
+            raise ValueError(
+                f"from_pytree: stacked={stacked!r} names a partition axis, but the tree holds no "
+                f"flax partitioning metadata (Linen nn.Partitioned boxes) to find it in; declare "
+                f"the stack by its path instead: stacked={{'layers': 1}}"
+            )
         leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
         if not leaves:
             raise ValueError("from_pytree: the tree has no array leaves")
@@ -177,7 +185,10 @@ class ParamDict(Mapping[str, Parameter]):
         if stacked is None:
             return self
         if not isinstance(stacked, Mapping):
-            raise TypeError(f"stacked must be a dict prefix -> axes, got {type(stacked).__name__}")
+            raise TypeError(
+                f"stacked must be a dict prefix -> axes (or, for flax models built by "
+                f"from_linen / from_nnx, a partition name), got {type(stacked).__name__}"
+            )
         plan = []
         for key, axes in stacked.items():
             if isinstance(axes, bool) or not isinstance(axes, int) or axes < 1:
@@ -196,13 +207,16 @@ class ParamDict(Mapping[str, Parameter]):
                         f"stacked[{key!r}]: parameter {name!r} of shape {p.shape} has fewer than "
                         f"{axes} axes"
                     )
+                p.check_stack(axes)
                 plan.append((p, axes, len(prefix.split("/"))))
         for p, axes, depth in plan:
             p.declare_stack(axes, depth)
         return self
 
     @classmethod
-    def from_linen(cls, params: Any, *, prefix: str = "") -> ParamDict:
+    def from_linen(
+        cls, params: Any, *, prefix: str = "", stacked: Mapping[str, int] | str | None = None
+    ) -> ParamDict:
         """One Parameter per leaf of Linen params, seen through their metadata boxes.
 
         `nn.with_partitioning` (and `nn.with_logical_partitioning`) wrap leaves in boxes whose
@@ -214,9 +228,19 @@ class ParamDict(Mapping[str, Parameter]):
         Args:
           params: `variables["params"]` of a Linen model, boxed or not.
           prefix: prepended to every name as is.
+          stacked: the stacks of an `nn.scan` model: `{path prefix: leading stacked axes}` (as
+            for `from_pytree`), or the partition name of the stacked axis, as given to
+            `nn.scan(..., metadata_params={nn.PARTITION_NAME: "layers"})`. flax writes that name
+            into the boxes of partitioned parameters only; lrmult finds each stack's path from
+            them (every parameter under it is stacked, boxed or not) and refuses, saying what to
+            declare, where they do not decide it.
 
         Returns:
           A ParamDict whose `tree()` has the structure of `params`, boxes included.
+
+        Example:
+          >>> params = lrmult.from_linen(variables["params"], stacked="layers")
+          >>> params.select("layers/[0-3]/").setattr("frozen", True)
         """
         if isinstance(params, Mapping) and "params" in params:
             raise ValueError(
@@ -236,7 +260,11 @@ class ParamDict(Mapping[str, Parameter]):
         # The boxes' metadata (names, mesh, rules) is static data of the treedef: keep it as the
         # dict's structure, so tree() re-boxes the current values.
         out._structure = (treedef, names)
-        return out
+        if isinstance(stacked, str):
+            axes = flax_trees.linen_partition_names(params)
+            leaves = [(prefix + n, out[prefix + n].shape, axes[n]) for n in axes]
+            stacked = flax_trees.stacks_by_axis(stacked, leaves, "from_linen")
+        return out.declare_stacks(stacked)
 
     @classmethod
     def from_nnx(
@@ -246,7 +274,7 @@ class ParamDict(Mapping[str, Parameter]):
         *,
         wrt: Any = None,
         prefix: str = "",
-        stacked: Mapping[str, int] | None = None,
+        stacked: Mapping[str, int] | str | None = None,
     ) -> ParamDict:
         """One Parameter per `filter` Variable (default `nnx.Param`) of an NNX module.
 
@@ -261,7 +289,13 @@ class ParamDict(Mapping[str, Parameter]):
           filter: an nnx filter choosing the Variables to train; `None` means `nnx.Param`.
           wrt: an alias of `filter` (the name `nnx.Optimizer` uses); give one of the two.
           prefix: prepended to every name as is.
-          stacked: the stacks of an `nnx.scan` / `nnx.vmap` model, as for `from_pytree`.
+          stacked: the stacks of an `nnx.scan` / `nnx.vmap` model: `{path prefix: leading
+            stacked axes}` as for `from_pytree`, or the partition name of the stacked axis, as
+            given to `nnx.vmap(..., transform_metadata={nnx.PARTITION_NAME: "layers"})`. flax
+            writes that name into the `out_sharding` of partitioned Variables only
+            (`nnx.with_partitioning`); lrmult finds each stack's path from them (every Variable
+            under it is stacked, partitioned or not) and refuses, saying what to declare, where
+            they do not decide it.
 
         Returns:
           A ParamDict whose `tree()` is a pure `nnx.State` (arrays, no Variables):
@@ -293,6 +327,10 @@ class ParamDict(Mapping[str, Parameter]):
             for attr in _NNX_METADATA:
                 if attr in meta:
                     params[prefix + name].assign(attr, meta[attr])  # validated, naming the param
+        if isinstance(stacked, str):
+            axes = flax_trees.nnx_partition_names(variables)
+            leaves = [(prefix + n, params[prefix + n].shape, axes[n]) for n in variables]
+            stacked = flax_trees.stacks_by_axis(stacked, leaves, "from_nnx")
         return params.declare_stacks(stacked)
 
     def _add(self, name: str, param: Parameter) -> None:
@@ -347,28 +385,36 @@ class ParamDict(Mapping[str, Parameter]):
                     out[p.layer_name(index)] = (name, index)
         return out
 
-    def gather(self, values: Mapping[str, Any], base: Any) -> dict[str, Any]:
+    def gather(
+        self, values: Mapping[str, Any], fill: Any
+    ) -> dict[str, tuple[Any, np.ndarray | None]]:
         """Values given per unit (see `units`), gathered per Parameter.
 
         Args:
           values: `{unit name: value}`.
-          base: `base(parameter)` gives a stacked Parameter's array for the layers `values`
-            does not name (ones for a factor, the current values for a setting).
+          fill: what a stacked Parameter's array holds at the layers `values` does not name (a
+            valid value: those entries are not taken, see `Parameter.assign(layers=...)`).
 
         Returns:
-          `{parameter name: value}`: the unit's value, or an array over a stack's layers.
+          `{parameter name: (value, layers)}`: the unit's value and None, or for a stack an array
+          over its layers and the mask of the layers `values` names (None when it names all).
         """
         units = self.units()
-        out: dict[str, Any] = {}
+        out: dict[str, tuple[Any, np.ndarray | None]] = {}
         for unit, value in values.items():
             name, index = units[unit]
             if index is None:
-                out[name] = value
+                out[name] = (value, None)
                 continue
             if name not in out:
-                out[name] = np.array(base(self._params[name]))
-            out[name][index] = value
-        return out
+                shape = self._params[name].stack_shape
+                out[name] = (np.full(shape, fill, np.asarray(fill).dtype), np.zeros(shape, bool))
+            out[name][0][index] = value
+            out[name][1][index] = True
+        return {
+            name: (value, None if layers is None or layers.all() else layers)
+            for name, (value, layers) in out.items()
+        }
 
     def layers_of(self, name: str) -> np.ndarray | None:
         """The mask of the layers of stacked Parameter `name` this dict selects (None: all)."""
@@ -414,8 +460,11 @@ class ParamDict(Mapping[str, Parameter]):
     def setattr(self, attr: str, value: Any) -> ParamDict:
         """Set `attr` (`lr_mult`, `wd_mult`, `frozen` or `grad_req`) on every Parameter.
 
-        `None` unsets the attribute, so the optimizer's override dicts apply again. The value is
-        checked once before any Parameter changes. Returns this dict, for chaining.
+        `None` unsets the attribute, so the optimizer's override dicts apply again. On a dict
+        that selects some layers of a stack (`params.select("layers/[0-2]/")`), only those
+        layers are set (or unset): the others keep what they have, set or not, and an array
+        value is shaped like the stacked axes, of which the selected entries are taken. The value
+        is checked before any Parameter changes. Returns this dict, for chaining.
         """
         if attr not in ATTRIBUTES:
             raise AttributeError(
@@ -425,34 +474,19 @@ class ParamDict(Mapping[str, Parameter]):
         where = f"ParamDict.setattr({attr!r})"
         if value is not None:
             if attr == "grad_req":
-                value = check_grad_req(value, where)
-                attr = "frozen"
+                check_grad_req(value, where)
             elif attr == "frozen":
-                value = check_frozen(value, where)
+                check_frozen(value, where)
             else:
-                value = check_multiplier(attr, value, where)
+                check_multiplier(attr, value, where)
         elif attr == "grad_req":
             raise ValueError("setattr: grad_req must be 'write' or 'null', got None")
-        new = {}
-        for name, param in self._params.items():
-            mask = self._layers.get(name)
-            if mask is None:
-                new[name] = value
-            elif value is None:
-                raise ValueError(
-                    f"setattr: {attr} cannot be unset on some layers of {name!r}; set a value"
-                )
-            else:  # the other layers keep what they read now
-                current = getattr(param, attr)
-                entries = np.array(np.broadcast_to(current, param.stack_shape), dtype=float)
-                entries[mask] = value
-                new[name] = entries.astype(bool) if attr == "frozen" else entries
-                if attr == "frozen":
-                    check_frozen(new[name], name, param.shape, param.stacked)
-                else:
-                    check_multiplier(attr, new[name], name, param.shape, param.stacked)
-        for name, param in self._params.items():
-            param.assign(attr, new[name])
+        plans = [
+            (param, *param.planned(attr, value, layers=self._layers.get(name)))
+            for name, param in self._params.items()
+        ]
+        for param, planned_attr, setting in plans:  # grad_req comes back as frozen
+            param.put(planned_attr, setting)
         return self
 
     def update(self, other: Mapping[str, Parameter]) -> None:
@@ -628,28 +662,16 @@ class ParamDict(Mapping[str, Parameter]):
 
     # -- display -----------------------------------------------------------------------------------
     def table(self) -> Table:
-        """The parameters as a table; `-` marks an attribute that is not set on the Parameter."""
-
-        def show(p: Parameter, attr: str) -> Any:
-            if not p.is_set(attr):
-                return "-"
-            value = p.frozen_layers if attr == "frozen" else None
-            value = getattr(p, attr) if value is None else value
-            if isinstance(value, np.ndarray) and value.dtype == np.bool_:
-                return str(value.ravel().tolist())
-            if isinstance(value, np.ndarray):  # per layer: one entry each
-                return "[" + ", ".join(f"{v:.6g}" for v in value.ravel().tolist()) + "]"
-            return str(value)
-
+        """The parameters as a table; `-` marks an attribute (or a stack's layer) left unset."""
         rows = [
             ParamRow(
                 i,
                 name,
                 p.shape,
                 str(p.dtype),
-                show(p, "lr_mult"),
-                show(p, "wd_mult"),
-                show(p, "frozen"),
+                p.shown("lr_mult"),
+                p.shown("wd_mult"),
+                p.shown("frozen"),
             )
             for i, (name, p) in enumerate(self._params.items())
         ]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import weakref
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +16,26 @@ MULTIPLIERS = ("lr_mult", "wd_mult")
 ATTRIBUTES = ("lr_mult", "wd_mult", "frozen", "grad_req")
 _GRAD_REQS = {"null": True, "write": False}
 FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+class Setting(NamedTuple):
+    """One attribute of a Parameter: what it reads as, and who set it.
+
+    Attributes:
+      value: the value, or None when the attribute is set nowhere. Where only some layers of a
+        stack are set, an array over the stacked axes holding the default (1.0, False) at the
+        layers left unset.
+      source: None (unset); who set it (`'param'` for the user, a preset's or rule's name); or,
+        when the layers of a stack differ, an object array over the stacked axes of those, None
+        at the layers left unset (they fall through the lookup chain).
+    """
+
+    value: Any
+    source: Any
+
+
+def _show_number(v: Any) -> str:
+    return str(v) if isinstance(v, (bool, np.bool_)) else f"{v:.6g}"
 
 
 class ChangeLog:
@@ -231,7 +251,7 @@ class Parameter:
         "_wd_mult",
         "_frozen",
         "_donatable",
-        "_origin",
+        "_source",
         "_logs",
         "_reported",
         "_stacked",
@@ -264,8 +284,13 @@ class Parameter:
         self._frozen = fz
         # Only arrays a Trainer produced may be donated to its jitted step; user arrays stay valid.
         self._donatable = False
-        # attr -> what set it, when not the user directly (a preset): explain() shows it.
-        self._origin: dict[str, str] = {}
+        # attr -> who set it ('param', a preset, a rule), or an object array of those over a
+        # stack's layers (None at layers left unset); absent: unset. explain() shows it.
+        self._source: dict[str, Any] = {
+            a: "param"
+            for a, v in (("lr_mult", lr), ("wd_mult", wd), ("frozen", fz))
+            if v is not None
+        }
         self._logs: weakref.WeakSet[ChangeLog] = weakref.WeakSet()
         # (attr, override key) whose shadowing by this Parameter's setting was reported.
         self._reported: set[tuple[str, Any]] = set()
@@ -318,7 +343,19 @@ class Parameter:
                 f"{_describe(self._name)}: stacked={axes} leading axes, but the value has shape "
                 f"{self.shape}"
             )
+        self.check_stack(axes)
         self._stacked, self._stack_at = axes, prefix_depth
+
+    def check_stack(self, axes: int) -> None:
+        """Raise unless the array attributes already set fit `axes` leading stacked axes."""
+        for attr in ("lr_mult", "wd_mult", "frozen"):
+            value = getattr(self, "_" + attr)
+            if isinstance(value, np.ndarray) and value.shape != self.shape[:axes]:
+                raise ValueError(
+                    f"{_describe(self._name)}: its {attr} is an array of shape {value.shape}, "
+                    f"but {axes} stacked axes of the value {self.shape} have shape "
+                    f"{self.shape[:axes]}; unset it or give one entry per layer"
+                )
 
     def layer_name(self, index: tuple[int, ...]) -> str:
         """The name the unstacked model gives layer `index` (`layers/3/attn/kernel`)."""
@@ -476,13 +513,45 @@ class Parameter:
     def grad_req(self, value: str) -> None:
         self.assign("grad_req", value)
 
-    def assign(self, attr: str, value: Any, origin: str | None = None) -> None:
+    def assign(
+        self,
+        attr: str,
+        value: Any,
+        origin: str | None = None,
+        layers: np.ndarray | None = None,
+    ) -> None:
         """Set (or, with `None`, unset) `attr`, validated before anything changes.
 
         Args:
           attr: `lr_mult`, `wd_mult`, `frozen` or `grad_req`.
           value: the new value, or `None` to unset it.
           origin: what set it when not the user directly (a preset's name), shown by `explain()`.
+          layers: a bool mask over a stack's layers: set (or unset) those layers only, the others
+            keep what they have, set or not. An array `value` is then shaped like the stacked
+            axes, and only its entries at `layers` are taken.
+        """
+        self.put(*self.planned(attr, value, origin, layers))
+
+    def planned(
+        self,
+        attr: str,
+        value: Any,
+        origin: str | None = None,
+        layers: np.ndarray | None = None,
+        base: Setting | None = None,
+    ) -> tuple[str, Setting]:
+        """What `assign` would make of `attr`, validated, without changing anything.
+
+        Args:
+          attr: as for `assign`.
+          value: as for `assign`.
+          origin: as for `assign`.
+          layers: as for `assign`.
+          base: the setting to start from (another plan for the same attribute); the current
+            one by default.
+
+        Returns:
+          `(attribute, Setting)`, for `put` (`grad_req` comes back as `frozen`).
         """
         if attr == "grad_req":
             if value is None:
@@ -498,63 +567,146 @@ class Parameter:
             raise AttributeError(
                 f"{_describe(self._name)}: unknown attribute {attr!r}{suggest(attr, ATTRIBUTES)}"
             )
-        setattr(self, "_" + attr, value)
-        self._reported = {r for r in self._reported if r[0] != attr}
-        if origin is None or value is None:
-            self._origin.pop(attr, None)
+        if layers is None:
+            return attr, Setting(value, None if value is None else origin or "param")
+        if not self._stacked:
+            raise ValueError(
+                f"{_describe(self._name)}: not a declared stack, so its layers cannot be set one "
+                f"by one (declare it: ParamDict.from_pytree(..., stacked={{prefix: 1}}))"
+            )
+        shape = self.stack_shape
+        layers = np.asarray(layers)
+        if layers.dtype != np.bool_ or layers.shape != shape:
+            raise ValueError(
+                f"{_describe(self._name)}: layers must be a bool mask shaped like the stacked "
+                f"axes {shape}, got {layers.dtype} of shape {layers.shape}"
+            )
+        base = self.setting(attr) if base is None else base
+        dtype = bool if attr == "frozen" else np.float64
+        default = False if attr == "frozen" else 1.0
+        values = np.array(np.broadcast_to(default if base.value is None else base.value, shape))
+        values = values.astype(dtype)
+        sources = np.empty(shape, object)
+        sources[...] = base.source
+        new = np.broadcast_to(np.asarray(default if value is None else value, dtype), shape)
+        values[layers] = new[layers]
+        sources[layers] = None if value is None else origin or "param"
+        return attr, _normalized(attr, values, sources)
+
+    def put(self, attr: str, setting: Setting) -> None:
+        """Make `setting` (from `planned`) the value of `attr` (no checks: it was validated)."""
+        setattr(self, "_" + attr, setting.value)
+        if setting.source is None:
+            self._source.pop(attr, None)
         else:
-            self._origin[attr] = origin
+            self._source[attr] = setting.source
+        self._reported = {r for r in self._reported if r[0] != attr}
         self._noted("metadata")
 
-    def origin(self, attr: str) -> str | None:
-        """What set `attr` (`'param'` for the user, a preset's name), or None if unset."""
-        if not self.is_set(attr):
-            return None
-        return self._origin.get(attr, "param")
+    def setting(self, attr: str) -> Setting:
+        """The current value of `attr` and who set it (see `Setting`)."""
+        return Setting(getattr(self, "_" + self._attr(attr)), self._source.get(self._attr(attr)))
 
-    def is_set(self, attr: str) -> bool:
-        """Whether `attr` (`lr_mult`, `wd_mult` or `frozen`) was set on this parameter."""
+    def _attr(self, attr: str) -> str:
         if attr == "grad_req":
-            attr = "frozen"
+            return "frozen"
         if attr not in ("lr_mult", "wd_mult", "frozen"):
             raise AttributeError(
                 f"{_describe(self._name)}: unknown attribute {attr!r}{suggest(attr, ATTRIBUTES)}"
             )
-        return getattr(self, "_" + attr) is not None
+        return attr
+
+    def origin(self, attr: str) -> Any:
+        """Who set `attr`: `'param'` for the user, a preset's or rule's name, None if unset.
+
+        When the layers of a stack were set by different hands, or only some of them were set,
+        an object array over the stacked axes of those (None at the layers left unset).
+        """
+        return self._source.get(self._attr(attr))
+
+    def is_set(self, attr: str) -> bool:
+        """Whether `attr` (`lr_mult`, `wd_mult` or `frozen`) is set on this parameter.
+
+        For a stack: on at least one layer (`set_mask` says which).
+        """
+        return self._attr(attr) in self._source
+
+    def set_mask(self, attr: str) -> bool | np.ndarray:
+        """Where `attr` is set: a bool, or a bool array over a stack's layers when only some are."""
+        source = self.origin(attr)
+        if not isinstance(source, np.ndarray):
+            return source is not None
+        return np.vectorize(lambda s: s is not None, otypes=[bool])(source)
+
+    def shown(self, attr: str) -> str:
+        """`attr` as text for tables: `-` where unset, one entry per layer for arrays."""
+        if not self.is_set(attr):
+            return "-"
+        value = getattr(self, "_" + self._attr(attr))
+        if not isinstance(value, np.ndarray):
+            return str(value)
+        mask = np.broadcast_to(self.set_mask(attr), value.shape)
+        entries = [
+            _show_number(v) if m else "-" for v, m in zip(value.flat, mask.flat, strict=True)
+        ]
+        return "[" + ", ".join(entries) + "]"
 
     def metadata(self) -> dict[str, Any]:
-        """The raw (possibly unset) metadata and what set it, for checkpoints."""
+        """The raw (possibly unset) metadata and who set it, for checkpoints (JSON data)."""
+
+        def plain(v: Any) -> Any:
+            return v.tolist() if isinstance(v, np.ndarray) else v
+
         return {
             "lr_mult": self._lr_mult,
             "wd_mult": self._wd_mult,
             "frozen": self._frozen,
-            "origin": dict(self._origin),
+            "origin": {attr: plain(source) for attr, source in self._source.items()},
         }
 
     def restore_metadata(self, raw: dict[str, Any]) -> None:
-        """Put back what `metadata()` returned (no validation: it came from this class)."""
+        """Put back what `metadata()` returned (no validation: it came from this class).
 
-        def back(v: Any) -> Any:  # JSON gives arrays back as lists
+        Checkpoints from before per-layer settings (no origin for a user's setting) read as set
+        by the user on every layer.
+        """
+
+        def back(v: Any, dtype: Any) -> Any:  # JSON gives arrays back as lists
             if not isinstance(v, list):
                 return v
-            arr = np.asarray(v, np.float64)
+            arr = np.asarray(v, dtype)
             arr.flags.writeable = False
             return arr
 
-        self._lr_mult, self._wd_mult = back(raw["lr_mult"]), back(raw["wd_mult"])
-        frozen = raw["frozen"]
-        if isinstance(frozen, list):
-            frozen = np.asarray(frozen, bool)
-            frozen.flags.writeable = False
-        self._frozen = frozen
-        self._origin = dict(raw.get("origin", {}))
+        origins = raw.get("origin", {})
+        source = {}
+        for attr, dtype in (("lr_mult", np.float64), ("wd_mult", np.float64), ("frozen", bool)):
+            value = back(raw[attr], dtype)
+            setattr(self, "_" + attr, value)
+            if value is not None:
+                source[attr] = back(origins.get(attr, "param"), object)
+        self._source = source
         self._noted("metadata")
 
     def __repr__(self) -> str:
         parts = [f"name={self._name!r}", f"shape={self.shape}", f"dtype={self.dtype}"]
-        for attr in ("lr_mult", "wd_mult", "frozen"):
-            if self.is_set(attr):
-                value = self.frozen_layers if attr == "frozen" else None
-                value = getattr(self, attr) if value is None else value.tolist()
-                parts.append(f"{attr}={value!r}")
+        parts += [
+            f"{a}={self.shown(a)}" for a in ("lr_mult", "wd_mult", "frozen") if self.is_set(a)
+        ]
         return f"Parameter({', '.join(parts)})"
+
+
+def _normalized(attr: str, values: np.ndarray, sources: np.ndarray) -> Setting:
+    """A per-layer setting in its plainest form: unset, one source, or one per layer."""
+    known = [s for s in sources.flat if s is not None]
+    if not known:
+        return Setting(None, None)
+    source: Any = sources
+    if len(known) == sources.size and all(s == known[0] for s in known):
+        source = known[0]
+    else:
+        source.flags.writeable = False
+    if attr == "frozen" and values.all() == values.any():
+        return Setting(bool(values.all()), source)
+    values.flags.writeable = False
+    return Setting(values, source)

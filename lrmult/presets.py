@@ -63,28 +63,31 @@ def _check_params(params: object, where: str) -> None:
         raise TypeError(f"{where}: params must be a ParamDict, got {type(params).__name__}")
 
 
-def _compose(params: ParamDict, factors: dict[str, dict[str, Any]], origin: str) -> ParamDict:
+def _compose(
+    params: ParamDict, factors: dict[str, dict[str, tuple[Any, Any]]], origin: str
+) -> ParamDict:
     """Multiply each attribute of each named Parameter by its factor, all checked before any change.
 
     Args:
       params: the ParamDict the names are in.
-      factors: `{attr: {name: factor}}`; a factor may be an array over a stacked Parameter's
-        layers, the result is then an array.
+      factors: `{attr: {name: (factor, layers)}}`, per attribute what `ParamDict.gather` gives: a
+        factor may be an array over a stack's layers, of which only the named layers are set
+        (`layers`, None for all; the others keep what they have, set or not).
       origin: the preset, shown by `explain()` as the source.
 
     Returns:
       The Parameters changed, in `params`' order.
     """
-    new = []
+    plans = []
     for attr, by_name in factors.items():
-        for name, factor in by_name.items():
+        for name, (factor, layers) in by_name.items():
             p = params[name]
             value = getattr(p, attr) * factor  # an unset multiplier reads as 1.0
-            checked = check_multiplier(attr, value, f"{name} ({origin})", p.shape, p.stacked)
-            new.append((name, attr, checked))
-    for name, attr, value in new:
-        params[name].assign(attr, value, origin)
-    changed = {name for name, _, _ in new}
+            check_multiplier(attr, value, f"{name} ({origin})", p.shape, p.stacked)
+            plans.append((name, p.planned(attr, value, origin, layers)))
+    for name, plan in plans:
+        params[name].put(*plan)
+    changed = {name for name, _ in plans}
     return _subset(params, [n for n in params if n in changed])
 
 
@@ -206,7 +209,7 @@ def layerwise_lr_decay(
                 f"{where}: decay {decay!r} ** {top - ids[name]} underflows to 0 for {name!r}; "
                 f"use fewer layers or a decay closer to 1"
             )
-    factors = params.gather(factors, lambda p: np.ones(p.stack_shape))
+    factors = params.gather(factors, 1.0)
     return _compose(params, {"lr_mult": factors}, "preset:layerwise_lr_decay")
 
 
@@ -278,7 +281,7 @@ def no_decay(
     if not chosen:
         rule = "ends in weight/gamma/kernel" if mxnet else "is chosen by rank or names"
         raise ValueError(f"no_decay: every parameter {rule}; nothing would change")
-    factors = params.gather(dict.fromkeys(chosen, 0.0), lambda p: np.ones(p.stack_shape))
+    factors = params.gather(dict.fromkeys(chosen, 0.0), 1.0)
     return _compose(params, {"wd_mult": factors}, "preset:no_decay")
 
 
@@ -322,13 +325,15 @@ def linear_probe(params: ParamDict, head: Pattern) -> ParamDict:
     """
     _check_params(params, "linear_probe")
     chosen = params.select(head)
-    if len(chosen) == len(params):
+    if len(chosen.units()) == len(params.units()):  # every layer of every stack too
         raise ValueError(
             f"linear_probe: head pattern {_show(head)} matches every parameter, so nothing "
             f"would be frozen; match the head only (e.g. 'head/')"
         )
     for name, p in params.items():
-        p.assign("frozen", name not in chosen, "preset:linear_probe")
+        layers = chosen.layers_of(name) if name in chosen else None
+        frozen = name not in chosen if layers is None else ~layers  # a stack's head layers only
+        p.assign("frozen", frozen, "preset:linear_probe")
     return chosen
 
 
@@ -479,11 +484,7 @@ def mup(
 
     def only_changes(by_name: dict[str, float]) -> dict[str, Any]:
         # A stack selected by some layers only (`select("layers/[0-3]/")`) changes those layers.
-        return {
-            n: f if params.layers_of(n) is None else np.where(params.layers_of(n), f, 1.0)
-            for n, f in by_name.items()
-            if f != 1
-        }
+        return {n: (f, params.layers_of(n)) for n, f in by_name.items() if f != 1}
 
     factors = {"lr_mult": only_changes(lr)}
     if not decoupled_wd:

@@ -77,7 +77,8 @@ def rows(
             lr = 0.0 if fi else base_lr * mi
             wd = 0.0 if fi else base_wd * di
             row_shape = shape[len(index) :]
-            out.append(ExplainRow(leaf.index, name, row_shape, mi, di, fi, lr, wd, ms, ds, fs))
+            sources = (lookup.at(ms, index), lookup.at(ds, index), lookup.at(fs, index))
+            out.append(ExplainRow(leaf.index, name, row_shape, mi, di, fi, lr, wd, *sources))
     return sorted(out, key=lambda r: r.index)
 
 

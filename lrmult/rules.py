@@ -15,12 +15,10 @@ import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import numpy as np
-
 from lrmult._names import suggest
 from lrmult._where import user_stacklevel
 from lrmult.paramdict import ParamDict, compile_pattern
-from lrmult.parameter import check_frozen, check_multiplier
+from lrmult.parameter import Setting, check_frozen, check_multiplier
 
 _ATTRS = ("lr_mult", "wd_mult", "frozen")
 _BIG_VISION = ("lr_mults", "wd_mults", "schedule")
@@ -143,28 +141,21 @@ def apply_rules(
             for attr, value in settings.items():
                 if mode == "all" or (unit, attr) not in chosen:
                     chosen[(unit, attr)] = (k, value)
-    new: dict[tuple[str, str], tuple[Any, str]] = {}
+    for (unit, attr), (_, value) in chosen.items():  # each value checked, naming its unit
+        if attr == "frozen":
+            check_frozen(value, unit)
+        else:
+            check_multiplier(attr, value, unit)
+    new: dict[tuple[str, str], Setting] = {}
     for attr in _ATTRS:
         for k in sorted({k for (u, a), (k, _) in chosen.items() if a == attr}):
             values = {u: v for (u, a), (kk, v) in chosen.items() if a == attr and kk == k}
-            gathered = params.gather(values, lambda p, attr=attr: _current(p, attr, new))
             origin = f"rule {k} {rules[k][0]!r}"
-            for name, value in gathered.items():
-                p = params[name]
-                if attr == "frozen":
-                    value = check_frozen(value, name, p.shape, p.stacked)
-                else:
-                    value = check_multiplier(attr, value, name, p.shape, p.stacked)
-                new[(name, attr)] = (value, origin)
-    for (name, attr), (value, origin) in new.items():
-        params[name].assign(attr, value, origin)
+            fill = False if attr == "frozen" else 1.0
+            for name, (value, layers) in params.gather(values, fill).items():
+                base = new.get((name, attr))
+                _, new[(name, attr)] = params[name].planned(attr, value, origin, layers, base)
+    for (name, attr), setting in new.items():
+        params[name].put(attr, setting)
     changed = list(dict.fromkeys(name for name, _ in new))
     return ParamDict({n: params[n] for n in changed})
-
-
-def _current(p: Any, attr: str, pending: Mapping) -> np.ndarray:
-    """A stacked Parameter's `attr` over its layers, with the settings already pending."""
-    value = pending.get((p.name, attr), (getattr(p, attr), None))[0]
-    return np.array(
-        np.broadcast_to(value, p.stack_shape), dtype=bool if attr == "frozen" else float
-    )

@@ -81,14 +81,15 @@ class _Summary(NamedTuple):
     overrides: int
 
 
-def _known(pairs: list, kept: set[str], strict: bool) -> dict[int | str, float]:
+def _known(pairs: list, kept: set[str], strict: bool, layers: dict) -> dict[int | str, float]:
     """Saved override pairs; without `strict`, only name keys of parameters restored.
 
-    Indices of a model that changed do not name the same parameters.
+    Indices of a model that changed do not name the same parameters. `layers` maps the per-layer
+    names of the restored stacks to their parameter (`lookup.layer_names`).
     """
     if strict:
         return {k: float(v) for k, v in pairs}
-    return {k: float(v) for k, v in pairs if isinstance(k, str) and k in kept}
+    return {k: float(v) for k, v in pairs if isinstance(k, str) and (k in kept or k in layers)}
 
 
 # A call site handing in this many distinct loss functions is warned about (once).
@@ -522,8 +523,9 @@ class Trainer:
                     params[d["name"]].restore_metadata(d)
             for n in fresh:  # kept out of the carried state, then back in as a new cohort
                 params[n].assign("frozen", True)
-            self._lr_overrides = _known(meta["lr_overrides"], kept, strict)
-            self._wd_overrides = _known(meta["wd_overrides"], kept, strict)
+            layers = lookup.layer_names(self._params, kept)
+            self._lr_overrides = _known(meta["lr_overrides"], kept, strict, layers)
+            self._wd_overrides = _known(meta["wd_overrides"], kept, strict, layers)
             self._check_trainable_dtypes()
             state = self._refreshed()
             self._opt_state = carry_over(arrays, state)

@@ -352,7 +352,7 @@ def _multiplier_init(
         leaves = lookup.leaves_of(params, param_dict, idx2name)
         lookup.check_idx2name_range(idx2name, leaves)
         lookup.check_leaves_named(leaves, param_dict, where)
-        lookup.override_leaves(attr, overrides, leaves)
+        lookup.override_leaves(attr, overrides, leaves, param_dict)
         flat = flatten(params)[0]
         values = lookup.multiplier_values(attr, leaves, param_dict, overrides)
         held = [
