@@ -30,6 +30,7 @@ import optax
 from lrmult._names import path_name, suggest
 from lrmult._where import user_stacklevel
 from lrmult.parameter import check_multiplier
+from lrmult.schedules import Scaled, Schedule, is_schedule
 
 
 def is_masked(x: Any) -> bool:
@@ -484,6 +485,14 @@ def multiplier_values(
     for leaf, (v, _), fz in zip(leaves, values, frozen, strict=True):
         param = _param(param_dict, leaf.name)
         shape = param.stack_shape if param is not None else ()
+        if is_schedule(v):
+            if fz is True:
+                v = 0.0
+            elif shape:  # per layer: frozen layers take no step
+                keep = np.ones(shape) if not isinstance(fz, tuple) else ~np.reshape(fz, shape)
+                v = v * keep if isinstance(v, Schedule) else Scaled(v, keep.astype(np.float64))
+            out.append(v)
+            continue
         if isinstance(fz, tuple):  # frozen layers take no step
             v = np.where(np.reshape(fz, shape), 0.0, np.broadcast_to(v, shape))
         elif fz:

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lrmult._names import suggest
+from lrmult.schedules import check_schedule, is_schedule
 
 MULTIPLIERS = ("lr_mult", "wd_mult")
 ATTRIBUTES = ("lr_mult", "wd_mult", "frozen", "grad_req")
@@ -113,7 +114,10 @@ def _check_prefix(
 def check_multiplier(
     attr: str, value: Any, name: str | None, value_shape: Any = None, stacked: int = 0
 ) -> float | np.ndarray:
-    """Validate a multiplier: a finite real number >= 0 (bools are refused), or an array of them.
+    """Validate a multiplier: a number >= 0, an array of them, or a schedule step -> multiplier.
+
+    Numbers are finite and real (bools are refused); a schedule (`lrmult.schedules`, any
+    callable) is evaluated at steps 0 and 1 to check it.
 
     Args:
       attr: `lr_mult` or `wd_mult`, for the message.
@@ -125,6 +129,9 @@ def check_multiplier(
     Returns:
       A float, or a read-only float64 array.
     """
+    if is_schedule(value):
+        shape = () if value_shape is None else tuple(value_shape)[:stacked]
+        return check_schedule(attr, value, _describe(name), shape)
     if _is_array_like(value):
         arr = np.asarray(value)
         if arr.dtype == np.bool_ or not np.issubdtype(arr.dtype, np.number):

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lrmult import flax_trees, lookup
+from lrmult import flax_trees, lookup, schedules
 from lrmult.binding import Binding, binder
 from lrmult.lookup import Leaf, Rows, is_masked, is_position
 
@@ -72,8 +72,15 @@ def _concrete(tree: Any) -> bool:
 BLOCK = 8
 
 
+def _is_helper(kind: Any) -> bool:
+    return isinstance(kind, type) and issubclass(kind, schedules.Schedule)
+
+
 class Slot(NamedTuple):
-    """Where one position's multipliers sit in a `MultState`'s blocks.
+    """Where one position's multiplier sits in a `MultState`'s blocks, and what it is.
+
+    The multiplier is `constant · kind(t)`: `constant` (shaped `shape`) is stored first; a
+    `schedules.Schedule` kind's numbers (`numbers` of them, each shaped `shape`) follow it.
 
     Attributes:
       block: which block.
@@ -82,6 +89,8 @@ class Slot(NamedTuple):
         for a group of layers.
       rows: the group's rows (of `total`), or None for a whole leaf.
       total: the number of layers of the group's leaf (0 for a whole leaf).
+      kind: None (a constant), a `schedules.Schedule` subclass, or a user's schedule function.
+      numbers: how many numbers the kind keeps in the block.
     """
 
     block: int
@@ -89,45 +98,87 @@ class Slot(NamedTuple):
     shape: tuple[int, ...]
     rows: tuple[int, ...] | None = None
     total: int = 0
+    kind: Any = None
+    numbers: int = 0
 
     @property
     def size(self) -> int:
-        """The number of entries."""
+        """The number of entries of the constant."""
         return int(np.prod(self.shape, dtype=np.int64))
 
-    def take(self, value: Any) -> np.ndarray:
-        """A leaf's multiplier (scalar or per layer) as this position holds it."""
-        value = np.asarray(value, np.float32)
+    @property
+    def length(self) -> int:
+        """The number of block entries the position takes."""
+        return self.size * (1 + self.numbers)
+
+    def take(self, value: Any) -> Any:
+        """A leaf's multiplier (scalar, per layer, or schedule) as this position holds it."""
         if self.rows is None:
             return value
-        flat = value.reshape(-1)
+        if schedules.is_schedule(value):
+            return _Rows(value, self.rows, self.total)
+        flat = np.asarray(value, np.float32).reshape(-1)
         flat = np.broadcast_to(flat, (self.total,)) if flat.size == 1 else flat
         return flat[list(self.rows)]
 
-    def read(self, blocks: list[jax.Array]) -> jax.Array:
-        """The multiplier inside a step: a static slice of its block."""
+    def value(self, blocks: list[jax.Array], t: jax.Array) -> jax.Array:
+        """The multiplier inside a step at step `t`: static slices of its block."""
         block = blocks[self.block]
-        if not self.shape:
-            return block[self.start]
-        return block[self.start : self.start + self.size].reshape(self.shape)
+        n = self.size
+        if self.shape:
+            constant = block[self.start : self.start + n].reshape(self.shape)
+        else:
+            constant = block[self.start]
+        if self.kind is None:
+            return constant
+        if self.numbers:
+            nums = block[self.start + n : self.start + self.length]
+            nums = nums.reshape((self.numbers, *self.shape))
+            return constant * self.kind.formula(t, [nums[i] for i in range(self.numbers)])
+        out = jnp.asarray(self.kind(t), jnp.float32)
+        if out.ndim and self.rows is not None:
+            out = out.reshape(-1)[np.array(self.rows)]
+        return constant * jnp.broadcast_to(out, self.shape)
+
+    def kind_of(self) -> tuple:
+        """What the step compiles for (everything but the numbers)."""
+        return (self.shape, self.rows, self.total, self.kind, self.numbers)
 
 
-def layout(shapes: list[tuple[int, ...] | None]) -> tuple[list[int], list[tuple[int, int]]]:
-    """Pack multipliers of the given shapes (None: a frozen position) into blocks.
+class _Rows:
+    """A schedule for some rows of a stacked leaf (a group of layers)."""
+
+    __slots__ = ("schedule", "rows", "total")
+
+    def __init__(self, schedule: Any, rows: tuple[int, ...], total: int) -> None:
+        self.schedule, self.rows, self.total = schedule, rows, total
+
+
+def _parts(held: Any, shape: tuple[int, ...]) -> tuple[np.ndarray, Any, np.ndarray | None]:
+    """`schedules.parts` of a position's multiplier (a group's rows taken)."""
+    if not isinstance(held, _Rows):
+        return schedules.parts(held, shape)
+    full = (held.total,)
+    constant, kind, numbers = schedules.parts(held.schedule, full)
+    rows = list(held.rows)
+    return constant[rows], kind, None if numbers is None else numbers[:, rows]
+
+
+def layout(lengths: list[int | None]) -> tuple[list[int], list[tuple[int, int]]]:
+    """Pack positions taking the given numbers of entries (None: frozen) into blocks.
 
     Returns:
       `(sizes of the blocks, (block, start) of each position)` (`(-1, 0)` for None): small
-      multipliers share blocks of `BLOCK` entries; a stacked leaf's vector of `BLOCK` entries or
-      more has a block of its own.
+      multipliers share blocks of `BLOCK` entries; a position of `BLOCK` entries or more (a
+      stacked leaf's vector, a schedule's numbers) has a block of its own.
     """
     sizes: list[int] = []
     places: list[tuple[int, int]] = []
     open_block, used = -1, BLOCK
-    for shape in shapes:
-        if shape is None:
+    for n in lengths:
+        if n is None:
             places.append((-1, 0))
             continue
-        n = int(np.prod(shape, dtype=np.int64))
         if n >= BLOCK:
             sizes.append(n)
             places.append((len(sizes) - 1, 0))
@@ -138,6 +189,47 @@ def layout(shapes: list[tuple[int, ...] | None]) -> tuple[list[int], list[tuple[
         places.append((open_block, used))
         used += n
     return sizes, places
+
+
+def _shape_of(x: Any, value: Any) -> tuple[int, ...]:
+    """A position's multiplier shape: a group's rows, else the value's (a stack's layers)."""
+    if isinstance(x, Rows):
+        return (len(x.rows),)
+    if schedules.is_schedule(value):
+        return tuple(np.shape(getattr(value, "factor", 1.0))) or _stack_shape(value)
+    return tuple(np.shape(value))
+
+
+def _stack_shape(value: Any) -> tuple[int, ...]:
+    if isinstance(value, schedules.Schedule):
+        shapes = [np.shape(v) for v in value.numbers.values()]
+        return max(shapes, key=len) if shapes else ()
+    return ()
+
+
+def plan_slots(flat: list[Any], held: list[Any]) -> tuple[tuple[Slot | None, ...], tuple]:
+    """The slots and block sizes for the positions `flat` holding multipliers `held`."""
+    kinds = []
+    for x, h in zip(flat, held, strict=True):
+        if h is None:
+            kinds.append(None)
+            continue
+        shape = (len(x.rows),) if isinstance(x, Rows) else _shape_of(x, h)
+        _, kind, numbers = _parts(h, shape)
+        kinds.append((shape, kind, 0 if numbers is None else len(numbers)))
+    lengths = [
+        None if k is None else int(np.prod(k[0], dtype=np.int64)) * (1 + k[2]) for k in kinds
+    ]
+    sizes, places = layout(lengths)
+    slots = []
+    for x, k, (block, start) in zip(flat, kinds, places, strict=True):
+        if k is None:
+            slots.append(None)
+            continue
+        shape, kind, numbers = k
+        rows, total = (tuple(x.rows), x.total) if isinstance(x, Rows) else (None, 0)
+        slots.append(Slot(block, start, shape, rows, total, kind, numbers))
+    return tuple(slots), tuple(sizes)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,6 +246,7 @@ class MultSpec:
         weight decay for `wd_mult`), a number or schedule, for `explain`; None when unknown.
       slots: each position's `Slot` in the blocks (None where the position is frozen).
       blocks: the size of each block.
+      positions: each position's rows and total (a group of layers) or None, to re-plan slots.
     """
 
     attr: str
@@ -164,6 +257,7 @@ class MultSpec:
     rate: Any = None
     slots: tuple[Slot | None, ...] = ()
     blocks: tuple[int, ...] = ()
+    positions: tuple[Any, ...] = ()
 
     def leaves_for(self, param_dict: Mapping[str, Any] | None) -> list[Leaf]:
         """The leaves as `param_dict` indexes them (a ParamDict's order is the one users count)."""
@@ -174,46 +268,51 @@ class MultSpec:
             None if self.idx2name is None else dict(self.idx2name),
         )
 
-    def positions(self, values: list[Any]) -> list[np.ndarray | None]:
-        """Each position's multiplier as the state holds it (None where frozen)."""
+    def held_of(self, values: list[Any]) -> list[Any]:
+        """Each position's multiplier from each leaf's (None where the position is frozen)."""
         return [
-            None if slot is None else slot.take(v)
-            for slot, v in zip(self.slots, values, strict=True)
+            None if p is None else _position_slot(p).take(v)
+            for p, v in zip(self.positions, values, strict=True)
         ]
 
-    def pack(self, held: list[np.ndarray | None]) -> list[np.ndarray]:
+    def pack(self, held: list[Any]) -> list[np.ndarray]:
         """The blocks holding each position's multiplier (padding: 1.0)."""
         blocks = [np.ones(n, np.float32) for n in self.blocks]
-        for slot, v in zip(self.slots, held, strict=True):
-            if slot is not None:
-                blocks[slot.block][slot.start : slot.start + slot.size] = np.reshape(v, -1)
+        for slot, h in zip(self.slots, held, strict=True):
+            if slot is None:
+                continue
+            constant, _, numbers = _parts(h, slot.shape)
+            entries = np.reshape(constant, -1)
+            if numbers is not None:
+                entries = np.concatenate([entries, np.reshape(numbers, -1)])
+            blocks[slot.block][slot.start : slot.start + slot.length] = entries
         return blocks
 
-    def unpack(self, blocks: list[np.ndarray]) -> list[np.ndarray | None]:
-        """`pack`'s inverse: each position's multiplier (None where frozen)."""
-        return [
-            None
-            if slot is None
-            else np.asarray(blocks[slot.block][slot.start : slot.start + slot.size]).reshape(
-                slot.shape
-            )
-            for slot in self.slots
-        ]
+    def unpack(self, blocks: list[np.ndarray], t: int) -> list[np.ndarray | None]:
+        """Each position's multiplier at step `t`, on the host (None where frozen)."""
+        out = []
+        for slot in self.slots:
+            if slot is None:
+                out.append(None)
+                continue
+            value = slot.value([jnp.asarray(b) for b in blocks], jnp.asarray(t, jnp.float32))
+            out.append(np.asarray(value, np.float32))
+        return out
 
 
-def _slots(flat: list[Any], held: list[np.ndarray | None]) -> tuple[tuple[Slot | None, ...], tuple]:
-    """The slots and block sizes for the positions `flat` with multipliers `held`."""
-    shapes = [None if h is None else np.shape(h) for h in held]
-    sizes, places = layout(shapes)
-    slots = []
-    for x, shape, (block, start) in zip(flat, shapes, places, strict=True):
-        if shape is None:
-            slots.append(None)
-        elif isinstance(x, Rows):
-            slots.append(Slot(block, start, tuple(shape), tuple(x.rows), x.total))
-        else:
-            slots.append(Slot(block, start, tuple(shape)))
-    return tuple(slots), tuple(sizes)
+def _position_slot(position: Any) -> Slot:
+    """A slot that only knows which rows a position holds (for `Slot.take`)."""
+    if position == ():
+        return Slot(0, 0, ())
+    rows, total = position
+    return Slot(0, 0, (len(rows),), rows, total)
+
+
+def _positions(flat: list[Any]) -> tuple[Any, ...]:
+    return tuple(
+        None if is_masked(x) else ((tuple(x.rows), x.total) if isinstance(x, Rows) else ())
+        for x in flat
+    )
 
 
 def _placed(blocks: list[np.ndarray], like: Any) -> list[jax.Array]:
@@ -233,9 +332,10 @@ def _reference(tree: Any) -> Any:
 class MultState:
     """Per-leaf multipliers, packed into a few small float32 blocks (`MultSpec.slots`).
 
-    Changing a multiplier changes a block's values, never its shape: no recompilation. With a
-    binding, `live()` (what JAX sees when it flattens the node) holds the ParamDict's current
-    multipliers; `values` are those the node was made with.
+    Changing a multiplier's value, or a `lrmult.schedules` helper's numbers, changes a block's
+    values, never its shape: no recompilation. Putting a schedule in place of a number changes
+    the slots (the step compiles once for each such layout). With a binding, `live()` (what JAX
+    sees when it flattens the node) holds the ParamDict's current multipliers.
     """
 
     __slots__ = ("values", "spec", "version")
@@ -246,19 +346,17 @@ class MultState:
         self.spec = spec
         self.version = spec.binding.version if spec.binding is not None else 0
 
-    def held(self) -> list[np.ndarray | None]:
-        """Each position's multiplier as the state holds it now, on the host (None: frozen)."""
-        blocks = jax.device_get(
-            [b.addressable_data(0) for b in jax.tree.leaves(self.live().values)]
-        )
-        return self.spec.unpack(blocks)
+    def held(self, t: int = 0) -> list[np.ndarray | None]:
+        """Each position's multiplier at step `t`, on the host (None: frozen)."""
+        live = self.live()
+        blocks = jax.device_get([b.addressable_data(0) for b in jax.tree.leaves(live.values)])
+        return live.spec.unpack(blocks, t)
 
-    def tree(self, like: Any) -> Any:
-        """The multipliers held, as a tree shaped like `like` (the params given to `init`)."""
+    def tree(self, like: Any, t: int = 0) -> Any:
+        """The multipliers at step `t`, as a tree shaped like `like` (the params of `init`)."""
         flat, treedef = flatten(like)
-        held = self.held()
         out = []
-        for x, h in zip(flat, held, strict=True):
+        for x, h in zip(flat, self.held(t), strict=True):
             if isinstance(x, Rows):
                 out.append(Rows(h, x.rows, x.total))
             else:
@@ -270,6 +368,8 @@ class MultState:
     ) -> MultState:
         """This node with `param_dict`'s multipliers (unchanged blocks keep their arrays).
 
+        A schedule put in place of a number (or the reverse) gives new slots: a new spec.
+
         Args:
           param_dict: the ParamDict to read.
           overrides: override dict replacing the transformation's own (the Trainer's).
@@ -280,25 +380,22 @@ class MultState:
         overrides = dict(spec.overrides) if overrides is None else overrides
         lookup.warn_shadowed(spec.attr, overrides, leaves, param_dict)
         values = lookup.multiplier_values(spec.attr, leaves, param_dict, overrides)
-        held = spec.positions(values)
-        if any(
-            slot is not None and np.shape(h) != slot.shape
-            for slot, h in zip(spec.slots, held, strict=True)
-        ):
-            raise ValueError(
-                f"refresh: a {spec.attr} changed shape since the state was built; a multiplier "
-                f"array's shape is the stacked axes of its parameter"
-            )
+        held = spec.held_of(values)
+        like = [None if p is None else (Rows(None, *p) if p else 0) for p in spec.positions]
+        slots, sizes = plan_slots(like, held)
+        arrays, treedef = jax.tree.flatten(self.values)
+        if slots != spec.slots:
+            new_spec = dataclasses.replace(spec, slots=slots, blocks=sizes)
+            ref = next((a for a in arrays), None)
+            return MultState(_placed(new_spec.pack(held), ref), new_spec)
         new = spec.pack(held)
         # Through jax.tree, so wrappers around the blocks (nnx.Optimizer's) are kept.
-        arrays, treedef = jax.tree.flatten(self.values)
         old = jax.device_get([b.addressable_data(0) for b in arrays])  # one transfer
         out, changed = list(arrays), False
         for i, (o, n) in enumerate(zip(old, new, strict=True)):
             if not np.array_equal(np.asarray(o, np.float32), n):
                 out[i], changed = place_like(n, arrays[i]), True
-        out = treedef.unflatten(out)
-        return MultState(out, spec) if changed else self
+        return MultState(treedef.unflatten(out), spec) if changed else self
 
     def live(self) -> MultState:
         """This node with the multipliers to apply now: the ParamDict's current ones when bound."""
@@ -307,19 +404,34 @@ class MultState:
             return self
         if not _concrete(self.values):
             return self  # inside a trace: the values JAX passed in are current
-        values = binding.current(lambda pd: self.refreshed(pd).values, self.values, self.spec.slots)
-        return self if values is self.values else MultState(values, self.spec)
+        return binding.current(lambda pd: self.refreshed(pd), self, self.spec.positions)
 
     def __repr__(self) -> str:
         return f"MultState({self.spec.attr}, {len(self.values)} blocks)"
 
 
+def _flatten_mult(s: MultState, with_keys: bool) -> tuple:
+    live = s.live()
+    child = (jax.tree_util.GetAttrKey("values"), live.values) if with_keys else live.values
+    return (child,), live.spec
+
+
 jax.tree_util.register_pytree_with_keys(
     MultState,
-    lambda s: (((jax.tree_util.GetAttrKey("values"), s.live().values),), s.spec),
+    lambda s: _flatten_mult(s, True),
     lambda spec, children: MultState(children[0], spec),
-    flatten_func=lambda s: ((s.live().values,), s.spec),
+    flatten_func=lambda s: _flatten_mult(s, False),
 )
+
+
+class ClockState(NamedTuple):
+    """The step count at which a multiplier transformation evaluates schedules."""
+
+    count: jax.Array
+
+
+def _clock() -> ClockState:
+    return ClockState(count=jnp.zeros([], jnp.int32))
 
 
 def _per_slice(m: jax.Array, u: jax.Array) -> jax.Array:
@@ -355,11 +467,12 @@ def _multiplier_init(
         lookup.override_leaves(attr, overrides, leaves, param_dict)
         flat = flatten(params)[0]
         values = lookup.multiplier_values(attr, leaves, param_dict, overrides)
+        positions = _positions(flat)
         held = [
-            None if (s := _row_slot(x)) is None else s.take(v)
-            for x, v in zip(flat, values, strict=True)
+            None if p is None else _position_slot(p).take(v)
+            for p, v in zip(positions, values, strict=True)
         ]
-        slots, sizes = _slots(flat, held)
+        slots, sizes = plan_slots(flat, held)
         spec = MultSpec(
             attr,
             tuple(leaves),
@@ -369,22 +482,14 @@ def _multiplier_init(
             rate if isinstance(rate, float | int) or callable(rate) else None,
             slots,
             sizes,
+            positions,
         )
         return MultState(_placed(spec.pack(held), _reference(params)), spec)
 
     return init
 
 
-def _row_slot(x: Any) -> Slot | None:
-    """A placeholder slot that only knows which rows a position holds (for `Slot.take`)."""
-    if is_masked(x):
-        return None
-    if isinstance(x, Rows):
-        return Slot(0, 0, (len(x.rows),), tuple(x.rows), x.total)
-    return Slot(0, 0, ())
-
-
-def _scaled(spec: MultSpec, blocks: tuple, updates: Any, fn: Callable) -> Any:
+def _scaled(spec: MultSpec, blocks: list, t: jax.Array, updates: Any, fn: Callable) -> Any:
     """`fn(update, multiplier)` for each position of `updates` that holds a slot."""
     flat, treedef = flatten(updates)
     out = []
@@ -392,9 +497,9 @@ def _scaled(spec: MultSpec, blocks: tuple, updates: Any, fn: Callable) -> Any:
         if slot is None or is_masked(x):
             out.append(x)
         elif isinstance(x, Rows):
-            out.append(Rows(fn(x.value, slot.read(blocks)), x.rows, x.total))
+            out.append(Rows(fn(x.value, slot.value(blocks, t)), x.rows, x.total))
         else:
-            out.append(fn(x, slot.read(blocks)))
+            out.append(fn(x, slot.value(blocks, t)))
     return treedef.unflatten(out)
 
 
@@ -406,11 +511,12 @@ def scale_by_lr_mult(
     track: bool = True,
     rate: Any = None,
 ) -> optax.GradientTransformation:
-    """Multiply each leaf's update by its `lr_mult`.
+    """Multiply each leaf's update by its `lr_mult` (a number, array or schedule).
 
     Place it after any adaptive preconditioner (the ready chains put it last, after the learning
     rate), so `lr_mult` scales the step, never the gradient. A frozen leaf's update is zeroed;
-    the ready chains (`lrmult.adam`, ...) go further and drop its state.
+    the ready chains (`lrmult.adam`, ...) go further and drop its state. A schedule is evaluated
+    at this transformation's step count (0 at the first update).
 
     Args:
       param_dict: a ParamDict whose Parameters' `lr_mult` come first in the lookup chain.
@@ -422,21 +528,31 @@ def scale_by_lr_mult(
         so that `explain` can show effective rates; it does not scale anything here.
 
     Returns:
-      An `optax.GradientTransformation` whose state holds the multipliers in a few float32
-      blocks (`BLOCK` leaves a buffer).
+      An `optax.GradientTransformation` whose state is `(MultState, ClockState)`: the
+      multipliers in a few float32 blocks (`BLOCK` leaves a buffer) and the step count.
     """
     init = _multiplier_init(
         "lr_mult", param_dict, lr_mult, idx2name, "scale_by_lr_mult", track, rate
     )
 
+    def init_fn(params):
+        return init(params), _clock()
+
     def update_fn(updates, state, params=None):
         del params
-        live = state.live()
-        return _scaled(
-            live.spec, live.values, updates, lambda u, m: (u * _per_slice(m, u)).astype(u.dtype)
-        ), state
+        mults, clock = state
+        live = mults.live()
+        t = clock.count.astype(jnp.float32)
+        out = _scaled(
+            live.spec,
+            live.values,
+            t,
+            updates,
+            lambda u, m: (u * _per_slice(m, u)).astype(u.dtype),
+        )
+        return out, (mults, ClockState(optax.safe_increment(clock.count)))
 
-    return optax.GradientTransformation(init, update_fn)
+    return optax.GradientTransformation(init_fn, update_fn)
 
 
 def check_weight_decay(weight_decay: Any, where: str) -> None:
@@ -466,15 +582,16 @@ def add_decayed_weights(
     """Add `weight_decay * wd_mult * param` to each leaf's update (optax's, per leaf).
 
     Args:
-      weight_decay: the base rate λ: a number, or a schedule step -> rate (as in optax, the
-        state then counts steps).
+      weight_decay: the base rate λ: a number, or a schedule step -> rate (evaluated, as the
+        `wd_mult` schedules, at this transformation's step count).
       param_dict: a ParamDict whose Parameters' `wd_mult` come first in the lookup chain.
-      wd_mult: override dict, parameter index or name -> multiplier.
+      wd_mult: override dict, parameter index or name -> multiplier (a number or schedule).
       idx2name: index -> name, for trees whose path names are not the parameter names.
       track: keep the state in step with `param_dict` (see `scale_by_lr_mult`).
 
     Returns:
-      An `optax.GradientTransformation`; frozen leaves get no decay.
+      An `optax.GradientTransformation` with state `(MultState, ClockState)`; frozen leaves get
+      no decay.
     """
     check_weight_decay(weight_decay, "add_decayed_weights")
     mult_init = _multiplier_init(
@@ -483,25 +600,20 @@ def add_decayed_weights(
     scheduled = callable(weight_decay)
 
     def init(params):
-        mults = mult_init(params)
-        if not scheduled:
-            return mults
-        return mults, optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32))
+        return mult_init(params), _clock()
 
     def update_fn(updates, state, params=None):
         if params is None:
             raise ValueError("add_decayed_weights needs params: call update(grads, state, params)")
-        mults, schedule = state if scheduled else (state, None)
-        rate = weight_decay(schedule.count) if scheduled else weight_decay
+        mults, clock = state
+        rate = weight_decay(clock.count) if scheduled else weight_decay
         live = mults.live()
+        t = clock.count.astype(jnp.float32)
         decayed = _scaled(
-            live.spec, live.values, params, lambda p, d: (rate * _per_slice(d, p)) * p
+            live.spec, live.values, t, params, lambda p, d: (rate * _per_slice(d, p)) * p
         )
         out = jax.tree.map(lambda u, dp: (u + dp).astype(u.dtype), updates, decayed)
-        if not scheduled:
-            return out, state
-        count = optax.safe_increment(schedule.count)
-        return out, (mults, optax.ScaleByScheduleState(count=count))
+        return out, (mults, ClockState(optax.safe_increment(clock.count)))
 
     return optax.GradientTransformation(init, update_fn)
 
