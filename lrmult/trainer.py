@@ -22,7 +22,7 @@ from lrmult.lookup import is_masked
 from lrmult.optimizers import OPTIMIZERS, check_hyperparameter, check_learning_rate, custom
 from lrmult.paramdict import ParamDict
 from lrmult.parameter import ChangeLog, Parameter
-from lrmult.resync import by_path, carry_over, host_value, refresh_state
+from lrmult.resync import by_path, carry_over, host_value, refresh_state, structure
 from lrmult.transforms import MultState, place_like, zero_frozen_layers
 
 _FROZEN = optax.MaskedNode()
@@ -464,7 +464,8 @@ class Trainer:
     def save_states(self, path: str | os.PathLike) -> None:
         """Save the optimizer state, step count, learning rate, multipliers and overrides (orbax).
 
-        Every Parameter's multipliers and frozen flag are saved with whether each was set.
+        Every Parameter's multipliers and frozen flag are saved with whether each was set, and
+        the state's cohorts (which leaves joined training together, so share a step count).
         Parameter values are saved separately, by `params.save(path)`. Each call adds a new step
         to the checkpoint directory; the two latest are kept.
         """
@@ -474,6 +475,7 @@ class Trainer:
             "params": self._params.describe(),
             "lr_overrides": [[k, v] for k, v in self._lr_overrides.items()],
             "wd_overrides": [[k, v] for k, v in self._wd_overrides.items()],
+            "structure": structure(self._opt_state),
         }
         checkpoint.write(path, _TRAINER_FORMAT, arrays, meta)
 
@@ -523,7 +525,7 @@ class Trainer:
             self._lr_overrides = _known(meta["lr_overrides"], kept, strict)
             self._wd_overrides = _known(meta["wd_overrides"], kept, strict)
             self._check_trainable_dtypes()
-            state = self._refreshed()
+            state = self._refreshed(saved=meta.get("structure"))
             self._opt_state = carry_over(arrays, state)
         except BaseException:
             for n, raw in before.items():
@@ -537,12 +539,17 @@ class Trainer:
             params[n].restore_metadata(before[n])
         return None if strict else Table(rows, title=f"load_states({os.fspath(path)!r})")
 
-    def _refreshed(self) -> Any:
-        """The optimizer state brought up to date with the Parameters and the override dicts."""
+    def _refreshed(self, saved: Mapping[str, Any] | None = None) -> Any:
+        """The optimizer state brought up to date with the Parameters and the override dicts.
+
+        Args:
+          saved: a checkpoint's `structure`: the state is rebuilt with its cohorts, unfilled.
+        """
         return refresh_state(
             self._opt_state,
             self._params,
             overrides={"lr_mult": self._lr_overrides, "wd_mult": self._wd_overrides},
+            saved=saved,
         )
 
     # -- stepping ---------------------------------------------------------------------------------

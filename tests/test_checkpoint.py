@@ -361,3 +361,61 @@ def test_strict_false_a_layer_frozen_at_save_and_unfrozen_at_load_starts_fresh(t
     np.testing.assert_allclose(pd_b["backbone/w"].data(), w_ref, rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(pd_b["head/w"].data(), head_ref, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(pd_b["neck/w"].data(), neck_ref, rtol=1e-5, atol=1e-6)
+
+
+def test_resume_keeps_the_step_count_of_a_layer_unfrozen_before_the_save(tmp_path):
+    """A layer unfrozen at step 3 has a step count of its own (3 at the save, the others 5): a
+    fresh Trainer loading the checkpoint continues it, moments and count, instead of handing it
+    the others' count and zero moments."""
+    tree = _model_with_neck((3, 2))
+    pd = lrmult.ParamDict.from_pytree(tree)
+    pd["neck/w"].frozen = True
+    trainer = lrmult.Trainer(pd, "adam", {"learning_rate": 0.01})
+    for step in range(5):
+        if step == 2:
+            pd["neck/w"].frozen = False
+        trainer.train_step(_quad_with_neck)
+    trainer.save_states(tmp_path / "t")
+
+    pd2 = lrmult.ParamDict.from_pytree(pd.tree())
+    trainer2 = lrmult.Trainer(pd2, "adam", {"learning_rate": 0.01})
+    trainer2.load_states(tmp_path / "t")
+    for _ in range(3):
+        trainer2.train_step(_quad_with_neck)
+    names = ["backbone/w", "head/w", "neck/w"]
+    assert step_counts(trainer2.opt_state, names) == {"backbone/w": 8, "head/w": 8, "neck/w": 6}
+    neck, state = np.asarray(tree["neck"]["w"], np.float64), {}
+    w, w_state = np.asarray(tree["backbone"]["w"], np.float64), {}
+    for step in range(8):
+        w = _adam_ref(w, w + 0.1, w_state)
+        if step >= 2:
+            neck = _adam_ref(neck, neck - 0.2, state)
+    np.testing.assert_allclose(pd2["backbone/w"].data(), w, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(pd2["neck/w"].data(), neck, rtol=1e-5, atol=1e-6)
+
+
+def test_resume_keeps_the_groups_of_a_stack_whose_bottom_layers_were_unfrozen(tmp_path):
+    """Layers 0-1 of a stack unfrozen at step 3 train as a group with its own step count; a fresh
+    Trainer loading the checkpoint regroups them as saved and continues bit for bit."""
+
+    def loss(t):
+        return jnp.sum((t["layers"]["w"] - 0.3) ** 2) + jnp.sum(t["b"] ** 2)
+
+    def build(tree):
+        pd = ParamDict.from_pytree(tree, stacked={"layers": 1})
+        return pd, Trainer(pd, "adam", {"learning_rate": 0.05})
+
+    pd, trainer = build({"layers": {"w": jnp.arange(8.0).reshape(4, 2) / 8}, "b": jnp.ones(2)})
+    pd.select("layers/[0-1]/").setattr("frozen", True)
+    for step in range(5):
+        if step == 2:
+            pd.select("layers/[0-1]/").setattr("frozen", False)
+        trainer.train_step(loss)
+    trainer.save_states(tmp_path / "t")
+    pd2, trainer2 = build(pd.tree())
+    trainer2.load_states(tmp_path / "t")
+    for _ in range(3):
+        trainer.train_step(loss)
+        trainer2.train_step(loss)
+    np.testing.assert_array_equal(pd2["layers/w"].data(), pd["layers/w"].data())
+    np.testing.assert_array_equal(pd2["b"].data(), pd["b"].data())
