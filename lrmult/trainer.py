@@ -467,7 +467,8 @@ class Trainer:
         Every Parameter's multipliers and frozen flag are saved with whether each was set, and
         the state's cohorts (which leaves joined training together, so share a step count).
         Parameter values are saved separately, by `params.save(path)`. Each call adds a new step
-        to the checkpoint directory; the two latest are kept.
+        to the checkpoint directory; the two latest are kept. With several processes
+        (`jax.distributed`), every process calls `save_states`; orbax writes each one's shards.
         """
         arrays = by_path(self._opt_state)
         meta = {
@@ -485,7 +486,8 @@ class Trainer:
         The saved `lr_mult` / `wd_mult` / `frozen` (set or unset) are written back onto the
         Parameters. With `strict=True` a checkpoint whose parameter names, shapes or dtypes (or
         optimizer) differ is refused, naming the first mismatch, before anything changes; a
-        missing path is a `FileNotFoundError`.
+        missing path is a `FileNotFoundError`. The state's arrays take the shardings of this
+        Trainer's parameters, whatever the processes and devices that saved them.
 
         Args:
           path: the checkpoint directory.
@@ -512,7 +514,6 @@ class Trainer:
             )
         params = dict(self._plist)
         rows, kept = self._params.match_report(meta["params"])
-        arrays = read_arrays()
         before = {n: p.metadata() for n, p in self._plist}
         overrides = (dict(self._lr_overrides), dict(self._wd_overrides))
         fresh = [n for n in params if n not in kept]
@@ -526,7 +527,13 @@ class Trainer:
             self._wd_overrides = _known(meta["wd_overrides"], kept, strict)
             self._check_trainable_dtypes()
             state = self._refreshed(saved=meta.get("structure"))
-            self._opt_state = carry_over(arrays, state)
+            saved = meta["arrays"]
+            like = {
+                k: x
+                for k, x in by_path(state).items()
+                if k in saved and saved[k] == [list(x.shape), str(x.dtype)]
+            }
+            self._opt_state = carry_over(read_arrays(like), state)
         except BaseException:
             for n, raw in before.items():
                 params[n].restore_metadata(raw)
