@@ -632,12 +632,19 @@ class ParamDict(Mapping[str, Parameter]):
         return rows, kept
 
     def save(self, path: str | os.PathLike) -> None:
-        """Save the values with orbax (a new step in the checkpoint directory at `path`)."""
+        """Save the values with orbax (a new step in the checkpoint directory at `path`).
+
+        With several processes (`jax.distributed`), every process calls `save` with the same
+        global arrays; orbax writes each process's shards.
+        """
         arrays = {n: p.peek() for n, p in self._params.items()}
         checkpoint.write(path, _PARAMS_FORMAT, arrays, {"params": self.describe()})
 
     def load(self, path: str | os.PathLike, strict: bool = True) -> Table | None:
-        """Load the latest values saved at `path`.
+        """Load the latest values saved at `path`, placed as the current values are.
+
+        Each value comes back with its current sharding, also from a checkpoint that other
+        processes or devices wrote; with several processes, every process calls `load`.
 
         Args:
           path: the checkpoint directory.
@@ -654,7 +661,7 @@ class ParamDict(Mapping[str, Parameter]):
         if strict:
             self.check_matches(meta["params"], f"checkpoint {os.fspath(path)!r}")
         rows, kept = self.match_report(meta["params"])
-        values = arrays()
+        values = arrays({n: p.peek() for n, p in self._params.items() if n in kept})
         for name, p in self._params.items():
             if name in kept:
                 p.set_data(values[name])

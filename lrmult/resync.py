@@ -90,14 +90,13 @@ def by_path(tree: Any) -> dict[str, Any]:
     }
 
 
-def _next_cohorts(old: CohortState, new: CohortState) -> tuple[int, ...]:
+def _next_cohorts(before: Mapping[str, int], new: CohortState) -> tuple[int, ...]:
     """Cohort labels for a new frozen set, by each position's key path.
 
-    Positions (leaves, groups of layers) that stay trainable keep their cohort; positions that
-    become trainable form one new cohort.
+    Positions (leaves, groups of layers) that stay trainable keep their cohort (`before`: key
+    path -> label); positions that become trainable form one new cohort.
     """
-    before = dict(zip(old.spec.paths, old.spec.cohorts, strict=True))
-    new_label = max(old.spec.cohorts, default=-1) + 1
+    new_label = max(before.values(), default=-1) + 1
     out = []
     for path, c in zip(new.spec.paths, new.spec.cohorts, strict=True):
         kept = before.get(path, -1)
@@ -105,19 +104,24 @@ def _next_cohorts(old: CohortState, new: CohortState) -> tuple[int, ...]:
     return tuple(out)
 
 
-def _regroup(fresh: Any, old_state: Any, params: Any) -> Any:
-    """`fresh` (every trainable leaf in cohort 0) with the cohorts `old_state` implies."""
-    old_nodes = dict(
-        (jax.tree_util.keystr(path), node) for path, node in find(old_state, CohortState)
-    )
+def _cohorts(tree: Any) -> dict[str, dict[str, int]]:
+    """`{keystr(node path): {position path: cohort label}}` of a state's per-leaf nodes."""
+    return {
+        jax.tree_util.keystr(path): dict(zip(node.spec.paths, node.spec.cohorts, strict=True))
+        for path, node in find(tree, CohortState)
+    }
+
+
+def _regroup(fresh: Any, old: Mapping[str, Mapping[str, int]], params: Any) -> Any:
+    """`fresh` (every trainable leaf in cohort 0) with the cohorts `old` (`_cohorts`) implies."""
 
     def visit(path, node):
         if not isinstance(node, CohortState):
             return node
-        old = old_nodes.get(jax.tree_util.keystr(path))
-        if old is None:
+        before = old.get(jax.tree_util.keystr(path))
+        if before is None:
             return node
-        cohorts = _next_cohorts(old, node)
+        cohorts = _next_cohorts(before, node)
         spec = replace(node.spec, cohorts=cohorts)
         labels = sorted({c for c in cohorts if c >= 0})
         return CohortState({c: spec.init(members(params, cohorts, c)) for c in labels}, spec)
@@ -127,17 +131,65 @@ def _regroup(fresh: Any, old_state: Any, params: Any) -> Any:
     )
 
 
-def _restructure(state: TrainableState, param_dict: Any) -> TrainableState:
+def _history(node: TrainableState) -> dict[str, Any]:
+    """What a `TrainableState`'s structure owes to past frozen sets, as JSON data.
+
+    Each leaf's layer groups (by leaf name) and each per-leaf node's cohorts: the labels that
+    key the state's arrays, and that no frozen set alone determines.
+    """
+    labels = node.spec.labels or (None,) * len(node.spec.leaves)
+    return {
+        "labels": {
+            leaf.name: None if lab is None else list(lab)
+            for leaf, lab in zip(node.spec.leaves, labels, strict=True)
+        },
+        "cohorts": _cohorts(node.inner),
+    }
+
+
+def structure(opt_state: Any) -> dict[str, Any]:
+    """`{keystr(path): _history}` of every `TrainableState` in a state, for a checkpoint.
+
+    A state rebuilt with it (`refresh_state(..., saved=...)`) has the saved state's structure,
+    so every saved array finds its place: a leaf unfrozen during training keeps its own step
+    count across a save and load.
+    """
+    out = {}
+
+    def walk(tree: Any, prefix: tuple) -> None:
+        for path, node in find(tree, TrainableState):
+            path = (*prefix, *path)
+            out[jax.tree_util.keystr(path)] = _history(node)
+            walk(node.inner, (*path, jax.tree_util.GetAttrKey("inner")))
+
+    walk(opt_state, ())
+    return out
+
+
+def _restructure(
+    state: TrainableState, param_dict: Any, saved: Mapping[str, Any] | None = None
+) -> TrainableState:
+    """`state` for `param_dict`'s frozen set; with `saved` (`_history`), rebuilt as recorded.
+
+    A rebuilt state holds fresh values: the caller fills it from the checkpoint.
+    """
     spec = state.spec
     lookup.check_leaves_named(list(spec.leaves), param_dict, "refresh")
     frozen = lookup.frozen_mask(list(spec.leaves), param_dict)
-    if frozen == spec.frozen:
-        return state
-    new_label = 1 + max((max(lab) for lab in spec.labels if lab), default=0)
-    labels = tuple(
-        layer_labels(fz, lab, new_label)
-        for fz, lab in zip(frozen, spec.labels or [None] * len(frozen), strict=True)
-    )
+    if saved is None:
+        if frozen == spec.frozen:
+            return state
+        before = list(spec.labels or [None] * len(frozen))
+        cohorts = _cohorts(state.inner)
+    else:
+        recorded = saved["labels"]
+        before = [
+            None if recorded.get(leaf.name) is None else tuple(recorded[leaf.name])
+            for leaf in spec.leaves
+        ]
+        cohorts = saved["cohorts"]
+    new_label = 1 + max((max(lab) for lab in before if lab), default=0)
+    labels = tuple(layer_labels(fz, lab, new_label) for fz, lab in zip(frozen, before, strict=True))
     values = []
     for leaf, dtype, fz in zip(spec.leaves, spec.dtypes, frozen, strict=True):
         if fz is True:
@@ -148,7 +200,9 @@ def _restructure(state: TrainableState, param_dict: Any) -> TrainableState:
             values.append(jnp.zeros(leaf.shape, dtype))
     new_spec = replace(spec, frozen=frozen, labels=labels)
     params = new_spec.grouped(spec.treedef.unflatten(values))  # MaskedNode where frozen
-    fresh = _regroup(spec.init(params), state.inner, params)
+    fresh = _regroup(spec.init(params), cohorts, params)
+    if saved is not None:
+        return TrainableState(fresh, new_spec)
     carried = carry_over(by_path(state.inner), fresh, groups_by_path(state.inner))
     return TrainableState(carried, new_spec)
 
@@ -157,6 +211,7 @@ def refresh_state(
     opt_state: Any,
     param_dict: Any,
     overrides: Mapping[str, Mapping] | None = None,
+    saved: Mapping[str, Any] | None = None,
 ) -> Any:
     """The engine of `refresh`, with the Trainer's own override dicts and warning record.
 
@@ -164,20 +219,29 @@ def refresh_state(
       opt_state: an optimizer state holding lrmult's nodes.
       param_dict: the ParamDict to read.
       overrides: `{"lr_mult": {...}, "wd_mult": {...}}` replacing the transformations' own.
+      saved: a checkpoint's `structure`: the state is rebuilt with the saved state's layer
+        groups and cohorts, with fresh values for the caller to fill from the checkpoint.
 
     An override that a Parameter's setting shadows since is warned about once per setting.
     """
 
-    def visit(node):
+    def visit(path, node):
         if isinstance(node, TrainableState):
-            node = _restructure(node, param_dict)
-            return TrainableState(jax.tree.map(visit, node.inner, is_leaf=_is_node), node.spec)
+            record = None if saved is None else saved.get(jax.tree_util.keystr(path))
+            node = _restructure(node, param_dict, record)
+            inner = (*path, jax.tree_util.GetAttrKey("inner"))
+            return TrainableState(
+                jax.tree_util.tree_map_with_path(
+                    lambda p, x: visit((*inner, *p), x), node.inner, is_leaf=_is_node
+                ),
+                node.spec,
+            )
         if isinstance(node, MultState):
             ovr = None if overrides is None else overrides.get(node.spec.attr, {})
             return node.refreshed(param_dict, ovr)
         return node
 
-    return jax.tree.map(visit, opt_state, is_leaf=_is_node)
+    return jax.tree_util.tree_map_with_path(visit, opt_state, is_leaf=_is_node)
 
 
 def bound_param_dict(opt_state: Any) -> Mapping[str, Any] | None:

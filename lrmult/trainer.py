@@ -22,7 +22,7 @@ from lrmult.lookup import is_masked
 from lrmult.optimizers import OPTIMIZERS, check_hyperparameter, check_learning_rate, custom
 from lrmult.paramdict import ParamDict
 from lrmult.parameter import ChangeLog, Outputs, Parameter
-from lrmult.resync import by_path, carry_over, host_value, refresh_state
+from lrmult.resync import by_path, carry_over, host_value, refresh_state, structure
 from lrmult.transforms import MultState, place_like, zero_frozen_layers
 
 _FROZEN = optax.MaskedNode()
@@ -467,9 +467,11 @@ class Trainer:
     def save_states(self, path: str | os.PathLike) -> None:
         """Save the optimizer state, step count, learning rate, multipliers and overrides (orbax).
 
-        Every Parameter's multipliers and frozen flag are saved with whether each was set.
+        Every Parameter's multipliers and frozen flag are saved with whether each was set, and
+        the state's cohorts (which leaves joined training together, so share a step count).
         Parameter values are saved separately, by `params.save(path)`. Each call adds a new step
-        to the checkpoint directory; the two latest are kept.
+        to the checkpoint directory; the two latest are kept. With several processes
+        (`jax.distributed`), every process calls `save_states`; orbax writes each one's shards.
         """
         arrays = by_path(self._opt_state)
         meta = {
@@ -477,6 +479,7 @@ class Trainer:
             "params": self._params.describe(),
             "lr_overrides": [[k, v] for k, v in self._lr_overrides.items()],
             "wd_overrides": [[k, v] for k, v in self._wd_overrides.items()],
+            "structure": structure(self._opt_state),
         }
         checkpoint.write(path, _TRAINER_FORMAT, arrays, meta)
 
@@ -486,7 +489,8 @@ class Trainer:
         The saved `lr_mult` / `wd_mult` / `frozen` (set or unset) are written back onto the
         Parameters. With `strict=True` a checkpoint whose parameter names, shapes or dtypes (or
         optimizer) differ is refused, naming the first mismatch, before anything changes; a
-        missing path is a `FileNotFoundError`.
+        missing path is a `FileNotFoundError`. The state's arrays take the shardings of this
+        Trainer's parameters, whatever the processes and devices that saved them.
 
         Args:
           path: the checkpoint directory.
@@ -513,7 +517,6 @@ class Trainer:
             )
         params = dict(self._plist)
         rows, kept = self._params.match_report(meta["params"])
-        arrays = read_arrays()
         before = {n: p.metadata() for n, p in self._plist}
         overrides = (dict(self._lr_overrides), dict(self._wd_overrides))
         fresh = [n for n in params if n not in kept]
@@ -527,8 +530,14 @@ class Trainer:
             self._lr_overrides = _known(meta["lr_overrides"], kept, strict, layers)
             self._wd_overrides = _known(meta["wd_overrides"], kept, strict, layers)
             self._check_trainable_dtypes()
-            state = self._refreshed()
-            self._opt_state = carry_over(arrays, state)
+            state = self._refreshed(saved=meta.get("structure"))
+            saved = meta["arrays"]
+            like = {
+                k: x
+                for k, x in by_path(state).items()
+                if k in saved and saved[k] == [list(x.shape), str(x.dtype)]
+            }
+            self._opt_state = carry_over(read_arrays(like), state)
         except BaseException:
             for n, raw in before.items():
                 params[n].restore_metadata(raw)
@@ -541,12 +550,17 @@ class Trainer:
             params[n].restore_metadata(before[n])
         return None if strict else Table(rows, title=f"load_states({os.fspath(path)!r})")
 
-    def _refreshed(self) -> Any:
-        """The optimizer state brought up to date with the Parameters and the override dicts."""
+    def _refreshed(self, saved: Mapping[str, Any] | None = None) -> Any:
+        """The optimizer state brought up to date with the Parameters and the override dicts.
+
+        Args:
+          saved: a checkpoint's `structure`: the state is rebuilt with its cohorts, unfilled.
+        """
         return refresh_state(
             self._opt_state,
             self._params,
             overrides={"lr_mult": self._lr_overrides, "wd_mult": self._wd_overrides},
+            saved=saved,
         )
 
     # -- stepping ---------------------------------------------------------------------------------

@@ -307,3 +307,115 @@ def test_strict_false_reports_dropped_and_fresh_and_loads_values_by_name(tmp_pat
     np.testing.assert_array_equal(pd_b["backbone/w"].data(), pd_a["backbone/w"].data())
     np.testing.assert_array_equal(pd_b["new"].data(), np.ones(2))
     assert "<table" in report._repr_html_() and "dropped" in str(report)
+
+
+def _model_with_neck(head_shape):
+    tree = _model(head_shape)
+    tree["neck"] = {"w": jnp.asarray(np.random.default_rng(2).normal(size=(2, 2)), jnp.float32)}
+    return tree
+
+
+def _quad_with_neck(tree):
+    """`_quad` plus the neck's: its gradient is w - 0.2."""
+    return _quad(tree) + 0.5 * jnp.sum(tree["neck"]["w"] ** 2) - 0.2 * jnp.sum(tree["neck"]["w"])
+
+
+def test_strict_false_a_layer_frozen_at_save_and_unfrozen_at_load_starts_fresh(tmp_path):
+    """The neck, frozen when saved, has no optimizer state in the checkpoint; unfrozen after the
+    load, it starts with its own step count (Adam's bias correction from 1), while the backbone
+    carries its moments and count and the reshaped head starts fresh too."""
+    pd_a = lrmult.ParamDict.from_pytree(_model_with_neck((3, 2)))
+    pd_a["neck/w"].frozen = True
+    trainer_a = lrmult.Trainer(pd_a, "adam", {"learning_rate": 0.01})
+    ref_state = {}
+    w_ref = np.asarray(pd_a["backbone/w"].data(), np.float64)
+    for _ in range(5):
+        trainer_a.train_step(_quad_with_neck)
+        w_ref = _adam_ref(w_ref, w_ref + 0.1, ref_state)
+    trainer_a.save_states(tmp_path / "t")
+
+    tree_b = _model_with_neck((3, 4))
+    tree_b["backbone"]["w"] = pd_a["backbone/w"].data()
+    pd_b = lrmult.ParamDict.from_pytree(tree_b)
+    trainer_b = lrmult.Trainer(pd_b, "adam", {"learning_rate": 0.01})
+    report = trainer_b.load_states(tmp_path / "t", strict=False)
+    assert {r.name: r.status for r in report} == {
+        "backbone/w": "restored",
+        "head/w": "reset",
+        "neck/w": "restored",
+    }
+    assert pd_b["neck/w"].frozen  # the checkpoint's flag, as for every restored parameter
+    pd_b["neck/w"].frozen = False
+    head_ref, head_state = np.asarray(tree_b["head"]["w"], np.float64), {}
+    neck_ref, neck_state = np.asarray(tree_b["neck"]["w"], np.float64), {}
+    shared, shared_state = neck_ref, {"t": 5}  # what the backbone's count would give it
+    for _ in range(5):
+        trainer_b.train_step(_quad_with_neck)
+        w_ref = _adam_ref(w_ref, w_ref + 0.1, ref_state)  # moments and count carried over
+        head_ref = _adam_ref(head_ref, head_ref, head_state)  # fresh: its own count from 1
+        neck_ref = _adam_ref(neck_ref, neck_ref - 0.2, neck_state)  # fresh too
+        shared = _adam_ref(shared, shared - 0.2, shared_state)
+    assert np.max(np.abs(shared - neck_ref)) > 1e-3  # the check below tells them apart
+    names = ["backbone/w", "head/w", "neck/w"]
+    assert step_counts(trainer_b.opt_state, names) == {"backbone/w": 10, "head/w": 5, "neck/w": 5}
+    np.testing.assert_allclose(pd_b["backbone/w"].data(), w_ref, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(pd_b["head/w"].data(), head_ref, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(pd_b["neck/w"].data(), neck_ref, rtol=1e-5, atol=1e-6)
+
+
+def test_resume_keeps_the_step_count_of_a_layer_unfrozen_before_the_save(tmp_path):
+    """A layer unfrozen at step 3 has a step count of its own (3 at the save, the others 5): a
+    fresh Trainer loading the checkpoint continues it, moments and count, instead of handing it
+    the others' count and zero moments."""
+    tree = _model_with_neck((3, 2))
+    pd = lrmult.ParamDict.from_pytree(tree)
+    pd["neck/w"].frozen = True
+    trainer = lrmult.Trainer(pd, "adam", {"learning_rate": 0.01})
+    for step in range(5):
+        if step == 2:
+            pd["neck/w"].frozen = False
+        trainer.train_step(_quad_with_neck)
+    trainer.save_states(tmp_path / "t")
+
+    pd2 = lrmult.ParamDict.from_pytree(pd.tree())
+    trainer2 = lrmult.Trainer(pd2, "adam", {"learning_rate": 0.01})
+    trainer2.load_states(tmp_path / "t")
+    for _ in range(3):
+        trainer2.train_step(_quad_with_neck)
+    names = ["backbone/w", "head/w", "neck/w"]
+    assert step_counts(trainer2.opt_state, names) == {"backbone/w": 8, "head/w": 8, "neck/w": 6}
+    neck, state = np.asarray(tree["neck"]["w"], np.float64), {}
+    w, w_state = np.asarray(tree["backbone"]["w"], np.float64), {}
+    for step in range(8):
+        w = _adam_ref(w, w + 0.1, w_state)
+        if step >= 2:
+            neck = _adam_ref(neck, neck - 0.2, state)
+    np.testing.assert_allclose(pd2["backbone/w"].data(), w, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(pd2["neck/w"].data(), neck, rtol=1e-5, atol=1e-6)
+
+
+def test_resume_keeps_the_groups_of_a_stack_whose_bottom_layers_were_unfrozen(tmp_path):
+    """Layers 0-1 of a stack unfrozen at step 3 train as a group with its own step count; a fresh
+    Trainer loading the checkpoint regroups them as saved and continues bit for bit."""
+
+    def loss(t):
+        return jnp.sum((t["layers"]["w"] - 0.3) ** 2) + jnp.sum(t["b"] ** 2)
+
+    def build(tree):
+        pd = ParamDict.from_pytree(tree, stacked={"layers": 1})
+        return pd, Trainer(pd, "adam", {"learning_rate": 0.05})
+
+    pd, trainer = build({"layers": {"w": jnp.arange(8.0).reshape(4, 2) / 8}, "b": jnp.ones(2)})
+    pd.select("layers/[0-1]/").setattr("frozen", True)
+    for step in range(5):
+        if step == 2:
+            pd.select("layers/[0-1]/").setattr("frozen", False)
+        trainer.train_step(loss)
+    trainer.save_states(tmp_path / "t")
+    pd2, trainer2 = build(pd.tree())
+    trainer2.load_states(tmp_path / "t")
+    for _ in range(3):
+        trainer.train_step(loss)
+        trainer2.train_step(loss)
+    np.testing.assert_array_equal(pd2["layers/w"].data(), pd["layers/w"].data())
+    np.testing.assert_array_equal(pd2["b"].data(), pd["b"].data())
