@@ -2,7 +2,7 @@
 
 import optax as _optax
 
-from lrmult import presets
+from lrmult import presets, schedules
 from lrmult.flax_interop import NNXTrainer, from_linen, from_nnx, refresh_optimizer
 from lrmult.optimizers import adagrad, adam, adamw, lamb, lion, nag, rmsprop, sgd
 from lrmult.paramdict import ParamDict
@@ -40,6 +40,7 @@ __all__ = [
     "refresh_optimizer",
     "rmsprop",
     "scale_by_lr_mult",
+    "schedules",
     "sgd",
     "trainable_only",
 ]

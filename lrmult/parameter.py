@@ -10,8 +10,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lrmult import schedules
 from lrmult._names import suggest
-from lrmult.schedules import check_schedule, is_schedule
+from lrmult.schedules import Scaled, check_schedule, is_schedule
 
 MULTIPLIERS = ("lr_mult", "wd_mult")
 ATTRIBUTES = ("lr_mult", "wd_mult", "frozen", "grad_req")
@@ -664,9 +665,15 @@ class Parameter:
         def plain(v: Any) -> Any:
             return v.tolist() if isinstance(v, np.ndarray) else v
 
+        def mult(v: Any) -> Any:
+            if isinstance(v, Scaled):  # a function: its name, to check it is there at load
+                name = getattr(v.fn, "__qualname__", repr(v.fn))
+                return {"schedule": "function", "function": name, "factor": plain(v.factor)}
+            return schedules.describe(v) or v
+
         return {
-            "lr_mult": self._lr_mult,
-            "wd_mult": self._wd_mult,
+            "lr_mult": mult(self._lr_mult),
+            "wd_mult": mult(self._wd_mult),
             "frozen": self._frozen,
             "origin": {attr: plain(source) for attr, source in self._source.items()},
         }
@@ -678,7 +685,9 @@ class Parameter:
         by the user on every layer.
         """
 
-        def back(v: Any, dtype: Any) -> Any:  # JSON gives arrays back as lists
+        def back(v: Any, dtype: Any, attr: str = "") -> Any:  # JSON gives arrays back as lists
+            if isinstance(v, dict):
+                return self._saved_schedule(attr, v)
             if not isinstance(v, list):
                 return v
             arr = np.asarray(v, dtype)
@@ -687,13 +696,30 @@ class Parameter:
 
         origins = raw.get("origin", {})
         source = {}
-        for attr, dtype in (("lr_mult", np.float64), ("wd_mult", np.float64), ("frozen", bool)):
-            value = back(raw[attr], dtype)
+        attrs = (("lr_mult", np.float64), ("wd_mult", np.float64), ("frozen", bool))
+        values = {attr: back(raw[attr], dtype, attr) for attr, dtype in attrs}  # may raise
+        for attr, _ in attrs:
+            value = values[attr]
             setattr(self, "_" + attr, value)
             if value is not None:
                 source[attr] = back(origins.get(attr, "param"), object)
         self._source = source
         self._noted("metadata")
+
+    def _saved_schedule(self, attr: str, saved: dict[str, Any]) -> Any:
+        """A schedule from a checkpoint: a helper with its numbers, or the function set now."""
+        if saved["schedule"] != "function":
+            return schedules.from_description(saved)
+        now = getattr(self, "_" + attr)
+        name = getattr(getattr(now, "fn", None), "__qualname__", None)
+        if name != saved["function"]:
+            raise ValueError(
+                f"{_describe(self._name)}: the checkpoint's {attr} is the schedule function "
+                f"{saved['function']!r}, which a checkpoint cannot hold; set "
+                f"{attr} to that function on the Parameter before loading (or use a "
+                f"lrmult.schedules helper, whose numbers are saved)"
+            )
+        return Scaled(now.fn, np.asarray(saved["factor"], np.float64))
 
     def __repr__(self) -> str:
         parts = [f"name={self._name!r}", f"shape={self.shape}", f"dtype={self.dtype}"]

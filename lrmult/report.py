@@ -14,11 +14,11 @@ from typing import Any, NamedTuple
 import numpy as np
 import optax
 
-from lrmult import lookup
+from lrmult import lookup, schedules
 from lrmult.display import Table
 from lrmult.lookup import Leaf
 from lrmult.resync import bound_param_dict, find
-from lrmult.transforms import MultState
+from lrmult.transforms import ClockState, MultState
 
 
 class ExplainRow(NamedTuple):
@@ -45,8 +45,11 @@ def rows(
     base_lr: float,
     base_wd: float = float("nan"),
     held: Mapping[int, tuple[Any, Any]] | None = None,
+    step: int = 0,
 ) -> list[ExplainRow]:
     """Rows in index order, with the effective rates (0 when frozen).
+
+    A schedule shows its value at `step` (the optimizer's step count), and the source names it.
 
     `lr` is `base_lr * lr_mult`, `wd` is `base_wd * wd_mult` (the weight decay λ·d applied). A
     stacked Parameter (or one with array multipliers) gets one row per layer slice, named as the
@@ -58,6 +61,8 @@ def rows(
     fzs = lookup.resolve("frozen", leaves, param_dict)
     out = []
     for leaf, (m, ms), (d, ds), (fz, fs) in zip(leaves, lrs, wds, fzs, strict=True):
+        m, ms = _now(m, ms, step)
+        d, ds = _now(d, ds, step)
         param = param_dict.get(leaf.name) if param_dict is not None else None
         shape = tuple(param.shape) if param is not None else leaf.shape
         hm, hd = (held or {}).get(leaf.index, (None, None))
@@ -80,6 +85,23 @@ def rows(
             sources = (lookup.at(ms, index), lookup.at(ds, index), lookup.at(fs, index))
             out.append(ExplainRow(leaf.index, name, row_shape, mi, di, fi, lr, wd, *sources))
     return sorted(out, key=lambda r: r.index)
+
+
+def _now(value: Any, source: Any, step: int) -> tuple[Any, Any]:
+    """A multiplier's value at `step`, its source naming the schedule that gives it."""
+    if not schedules.is_schedule(value):
+        return value, source
+    if isinstance(source, np.ndarray):
+        named = np.empty(source.shape, object)
+        named[...] = [f"{s} {value!r}" for s in source.reshape(-1)]
+        return schedules.value_at(value, step), named.reshape(source.shape)
+    return schedules.value_at(value, step), f"{source} {value!r}"
+
+
+def clock(opt_state: Any) -> int:
+    """The step count at which an lrmult state evaluates schedules (0 without one)."""
+    found = find(opt_state, ClockState)
+    return int(np.asarray(found[0][1].count.addressable_data(0))) if found else 0
 
 
 def _differs(held: Any, resolved: Any) -> bool:
@@ -146,15 +168,27 @@ def explain(
         rate = wd_node.spec.rate
         base_wd = float(rate) if rate is not None and not callable(rate) else float("nan")
     leaves = lr_node.spec.leaves_for(param_dict)
+    step = clock(opt_state)
     n = max((leaf.index for leaf in leaves), default=-1) + 1
     held = dict(
         enumerate(
-            zip(_applied(lr_node, param_dict, n), _applied(wd_node, param_dict, n), strict=True)
+            zip(
+                _applied(lr_node, param_dict, n, step),
+                _applied(wd_node, param_dict, n, step),
+                strict=True,
+            )
         )
     )
     named = list({leaf.name: leaf for leaf in reversed(leaves)}.values())[::-1]  # groups: once
     row_list = rows(
-        named, param_dict, dict(lr_node.spec.overrides), _overrides(wd_node), base, base_wd, held
+        named,
+        param_dict,
+        dict(lr_node.spec.overrides),
+        _overrides(wd_node),
+        base,
+        base_wd,
+        held,
+        step,
     )
     stale = [r.name for r in row_list if "state" in (r.lr_source, r.wd_source)]
     if stale and param_dict is not None:
@@ -170,7 +204,7 @@ def _overrides(node: MultState | None) -> dict | None:
     return dict(node.spec.overrides) if node is not None else None
 
 
-def _applied(node: MultState | None, param_dict: Any, n: int) -> list[Any]:
+def _applied(node: MultState | None, param_dict: Any, n: int, step: int = 0) -> list[Any]:
     """The multipliers a state holds, in the rows' index order (None where frozen or absent).
 
     A leaf held in groups of layers gives one array over its layers, nan where no group holds it.
@@ -179,7 +213,8 @@ def _applied(node: MultState | None, param_dict: Any, n: int) -> list[Any]:
         return [None] * n
     values: dict[int, Any] = dict.fromkeys(range(n))
     leaves = node.spec.leaves_for(param_dict)
-    for leaf, slot, held in zip(leaves, node.spec.slots, node.held(), strict=True):
+    live = node.live()
+    for leaf, slot, held in zip(leaves, live.spec.slots, live.held(step), strict=True):
         if slot is None:
             continue
         if slot.rows is not None:

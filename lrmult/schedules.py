@@ -119,8 +119,7 @@ class _LinearWarmup(Schedule):
     def formula(t, n):
         peak, init, steps, start = n
         frac = jnp.where(steps > 0, _clip01((t - start) / jnp.maximum(steps, 1.0)), 1.0)
-        frac = jnp.where(t < start, 0.0, frac)
-        return init + (peak - init) * frac
+        return jnp.where(t < start, 0.0, init + (peak - init) * frac)
 
 
 class _Cosine(Schedule):
@@ -328,7 +327,7 @@ def check_schedule(attr: str, value: Any, where: str, shape: tuple[int, ...]) ->
                 f"{where}: {attr} schedule gives {out.tolist()!r} at step {t}; a multiplier is a "
                 f"finite number >= 0"
             )
-    return value
+    return value if isinstance(value, Scaled) else Scaled(value)
 
 
 def describe(value: Any) -> dict[str, Any] | None:

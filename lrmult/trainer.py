@@ -459,7 +459,13 @@ class Trainer:
         lr = self.learning_rate
         base = float("nan") if lr is None else lr
         rows = report.rows(
-            self._leaves, self._params, self._lr_overrides, self._wd_overrides, base, self._wd
+            self._leaves,
+            self._params,
+            self._lr_overrides,
+            self._wd_overrides,
+            base,
+            self._wd,
+            step=report.clock(self._opt_state),
         )
         return report.table(rows, "Trainer.explain", base, self._wd)
 

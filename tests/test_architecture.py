@@ -58,6 +58,7 @@ def test_imports_run_top_down():
         "display",
         "checkpoint",
         "flax_trees",
+        "schedules",
         "parameter",
         "paramdict",
         "lookup",

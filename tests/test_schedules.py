@@ -1,0 +1,221 @@
+"""Multipliers that are schedules (`lrmult.schedules`, any callable step -> value).
+
+Expectations: PyTorch's `LambdaLR(optimizer, lr_lambda=[f_0, ..., f_k])` with one param group per
+leaf (group lr `η·m_i`, lambda `f_i`), transcribed in NumPy (`TorchRef` of test_numerics: a group
+whose lr at step t is `η·m_i·f_i(t)`), and the helpers' formulas written out by hand.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from test_numerics import CASES, INIT, NAMES, TorchRef, _flat, _nest, jax_loss, np_grad
+
+import lrmult
+from lrmult import schedules
+
+STEPS = 30
+LR_MULT = {"enc/bias": 2.0, "enc/kernel": 0.1, "head/bias": 0.25, "head/kernel": 0.5, "scale": 1.5}
+
+
+def _warm(t):
+    return jnp.minimum(1.0, (t + 1) / 10.0)
+
+
+def _decay(t):
+    return 0.9**t
+
+
+def _np_lambdas():
+    """One lambda per group, in NumPy (the reference side)."""
+    return {
+        "enc/bias": lambda t: min(1.0, (t + 1) / 10.0),
+        "enc/kernel": lambda t: 0.9**t,
+        "head/bias": lambda t: 1.0,  # a plain number
+        "head/kernel": lambda t: min(1.0, t / 5.0),  # schedules.linear_warmup(1.0, 5)
+        "scale": lambda t: 0.5 * (1 + np.cos(np.pi * min(t, 20) / 20)),  # schedules.cosine
+    }
+
+
+def _set_schedules(pd: lrmult.ParamDict) -> None:
+    pd["enc/bias"].lr_mult = lambda t: LR_MULT["enc/bias"] * _warm(t)
+    pd["enc/kernel"].lr_mult = schedules.Scaled(_decay, LR_MULT["enc/kernel"])
+    pd["head/bias"].lr_mult = LR_MULT["head/bias"]
+    pd["head/kernel"].lr_mult = schedules.linear_warmup(LR_MULT["head/kernel"], 5)
+    pd["scale"].lr_mult = schedules.cosine(LR_MULT["scale"], 20)
+
+
+def lambda_lr_reference(case: str) -> dict[str, np.ndarray]:
+    hp = CASES[case].hp
+    ref = TorchRef(hp)
+    lambdas = _np_lambdas()
+    for t in range(STEPS):
+        grads = {n: np_grad(n, ref.params[n]) for n in NAMES}
+        mult = {n: LR_MULT[n] * lambdas[n](t) for n in NAMES}
+        ref.step(grads, mult, dict.fromkeys(NAMES, 1.0), set())
+    return ref.params
+
+
+@pytest.mark.parametrize("case", ["sgd_momentum", "adamw"])
+@pytest.mark.parametrize("driver", ["trainer", "chain"])
+def test_per_leaf_schedules_equal_torch_lambda_lr(case, driver):
+    pd = lrmult.ParamDict.from_pytree(
+        _nest({n: jnp.asarray(v, jnp.float32) for n, v in INIT.items()})
+    )
+    _set_schedules(pd)
+    if driver == "trainer":
+        name, opts = CASES[case].trainer
+        trainer = lrmult.Trainer(pd, name, opts)
+        for _ in range(STEPS):
+            trainer.train_step(jax_loss)
+        got = _flat(pd.tree())
+    else:
+        tx = CASES[case].chain(pd)
+        params = pd.tree()
+        state = tx.init(params)
+        step = jax.jit(lambda p, s: _apply(tx, p, s))
+        for _ in range(STEPS):
+            params, state = step(params, state)
+        got = _flat(params)
+    want = lambda_lr_reference(case)
+    for n in NAMES:
+        np.testing.assert_allclose(got[n], want[n], rtol=2e-5, atol=2e-6, err_msg=n)
+
+
+def _apply(tx, params, state):
+    grads = jax.grad(jax_loss)(params)
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+
+def test_helpers_by_hand():
+    warm = schedules.linear_warmup(2.0, 4, start=3, init=0.5)
+    assert [float(warm(t)) for t in (0, 3, 4, 7, 9)] == [0.0, 0.5, 0.875, 2.0, 2.0]
+    cos = schedules.cosine(1.0, 10, warmup=2, end=0.1)
+    np.testing.assert_allclose(
+        [float(cos(t)) for t in (0, 1, 2, 7, 12, 20)],
+        [0.0, 0.5, 1.0, 0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * 0.5)), 0.1, 0.1],
+        rtol=1e-6,
+    )
+    st = schedules.step(1.0, 10, gamma=0.5)
+    assert [float(st(t)) for t in (0, 9, 10, 25)] == [1.0, 1.0, 0.5, 0.25]
+    # ULMFiT: T = 100, cut_frac 0.1 -> cut 10, ratio 32
+    stlr = schedules.slanted_triangular(0.01, 100)
+    np.testing.assert_allclose(
+        [float(stlr(t)) for t in (0, 5, 10, 55, 100)],
+        [0.01 / 32, 0.01 * (1 + 0.5 * 31) / 32, 0.01, 0.01 * (1 + 0.5 * 31) / 32, 0.01 / 32],
+        rtol=1e-6,
+    )
+    assert float((schedules.linear_warmup(1.0, 4) * 3)(2)) == 1.5  # presets multiply schedules
+
+
+def test_changing_a_helpers_numbers_never_recompiles(compiles):
+    pd = lrmult.ParamDict.from_pytree({"a": jnp.ones(2), "b": jnp.ones(2)})
+    pd["a"].lr_mult = schedules.linear_warmup(1.0, 4)
+    trainer = lrmult.Trainer(pd, "sgd", {"learning_rate": 1.0})
+    g = {"a": jnp.ones(2), "b": jnp.ones(2)}
+    trainer.step(g)  # t = 0: a gets 0
+    trainer.step(g)  # t = 1: a gets 0.25 (the second call may compile for the step's outputs)
+    count = compiles()
+    pd["a"].lr_mult = schedules.linear_warmup(2.0, 2)  # new numbers, same helper: data
+    trainer.step(g)  # t = 2: 2.0
+    pd["b"].lr_mult = 0.5
+    trainer.step(g)  # t = 3: a 2.0, b 0.5
+    assert count("step") == 0
+    np.testing.assert_allclose(pd["a"].data(), 1 - 0.0 - 0.25 - 2.0 - 2.0)
+    np.testing.assert_allclose(pd["b"].data(), 1 - 1 - 1 - 1 - 0.5)
+
+
+def test_a_new_schedule_function_compiles_once_per_distinct_set(compiles):
+    pd = lrmult.ParamDict.from_pytree({"a": jnp.ones(2)})
+    trainer = lrmult.Trainer(pd, "sgd", {"learning_rate": 1.0})
+    g = {"a": jnp.ones(2)}
+    trainer.step(g)
+    trainer.step(g)  # a = -1
+    count = compiles()
+    pd["a"].lr_mult = _decay  # a number -> a schedule: one compile
+    trainer.step(g)  # t = 2: 0.81
+    pd["a"].lr_mult = 2.0  # back to the number: the cached step
+    trainer.step(g)  # 2
+    pd["a"].lr_mult = _decay  # the same function again: cached
+    trainer.step(g)  # t = 4: 0.6561
+    assert count("step") == 1
+    np.testing.assert_allclose(pd["a"].data(), 1 - 2 - 0.81 - 2 - 0.6561, rtol=1e-6)
+
+
+def test_schedule_on_a_stack_per_layer_and_frozen_layers():
+    k = jnp.ones((4, 2))
+    pd = lrmult.ParamDict.from_pytree({"layers": {"k": k}}, stacked={"layers": 1})
+    # per-layer peaks: a helper's numbers may be arrays over the layers
+    pd["layers/k"].lr_mult = schedules.linear_warmup(np.array([1.0, 2.0, 3.0, 4.0]), 2)
+    pd.select("layers/0/").setattr("frozen", True)
+    trainer = lrmult.Trainer(pd, "sgd", {"learning_rate": 1.0})
+    for _ in range(3):  # t = 0, 1, 2: fractions 0, 0.5, 1
+        trainer.step({"layers/k": jnp.ones((4, 2))})
+    np.testing.assert_allclose(pd["layers/k"].data()[:, 0], [1.0, 1 - 3.0, 1 - 4.5, 1 - 6.0])
+
+
+def test_override_dict_and_preset_take_schedules():
+    pd = lrmult.ParamDict.from_pytree({"a": jnp.ones(2), "b": jnp.ones(2)})
+    pd["b"].lr_mult = schedules.linear_warmup(1.0, 2)
+    lrmult.presets.layerwise_lr_decay(pd, 0.5, groups=["a", "b"])  # b x 1, a x 0.5
+    trainer = lrmult.Trainer(pd, "sgd", {"learning_rate": 1.0})
+    g = {"a": jnp.ones(2), "b": jnp.ones(2)}
+    for _ in range(3):
+        trainer.step(g)
+    np.testing.assert_allclose(pd["b"].data(), 1 - 0 - 0.5 - 1.0)
+    np.testing.assert_allclose(pd["a"].data(), 1 - 3 * 0.5)
+    pd2 = lrmult.ParamDict.from_pytree({"a": jnp.ones(2)})
+    tr2 = lrmult.Trainer(pd2, "sgd", {"learning_rate": 1.0})
+    tr2.set_lr_mult({"a": schedules.step(1.0, 1, gamma=0.5)})
+    for _ in range(3):
+        tr2.step({"a": jnp.ones(2)})
+    np.testing.assert_allclose(pd2["a"].data(), 1 - 1 - 0.5 - 0.25)
+
+
+def test_explain_shows_the_schedule_and_its_value_now():
+    pd = lrmult.ParamDict.from_pytree({"a": jnp.ones(2)})
+    pd["a"].lr_mult = schedules.linear_warmup(1.0, 4)
+    trainer = lrmult.Trainer(pd, "sgd", {"learning_rate": 0.1})
+    trainer.step({"a": jnp.ones(2)})
+    (row,) = list(trainer.explain())
+    assert row.lr_mult == 0.25 and row.lr == pytest.approx(0.025)
+    assert "linear_warmup(peak=1" in row.lr_source
+
+
+def test_bad_schedules_are_refused_naming_the_parameter():
+    pd = lrmult.ParamDict.from_pytree({"a": jnp.ones(2)})
+    with pytest.raises(ValueError, match="'a'.*-1"):
+        pd["a"].lr_mult = lambda t: -1.0
+    with pytest.raises(ValueError, match="'a'.*failed at step 0"):
+        pd["a"].lr_mult = lambda t: 1 / 0
+    with pytest.raises(ValueError, match="steps must be a step count"):
+        schedules.linear_warmup(1.0, -2)
+    assert not pd["a"].is_set("lr_mult")
+
+
+def test_checkpoint_keeps_helper_schedules_and_their_position(tmp_path):
+    def run(pd, trainer, n):
+        for _ in range(n):
+            trainer.step({"a": jnp.ones(2), "b": jnp.ones(2)})
+
+    def make():
+        pd = lrmult.ParamDict.from_pytree({"a": jnp.ones(2), "b": jnp.ones(2)})
+        return pd, lrmult.Trainer(pd, "adam", {"learning_rate": 0.1})
+
+    pd, trainer = make()
+    pd["a"].lr_mult = schedules.cosine(1.0, 6, warmup=2)
+    run(pd, trainer, 3)
+    pd.save(tmp_path / "p")
+    trainer.save_states(tmp_path / "t")
+    run(pd, trainer, 4)
+    pd2, trainer2 = make()
+    pd2.load(tmp_path / "p")
+    trainer2.load_states(tmp_path / "t")
+    assert pd2["a"].lr_mult == schedules.cosine(1.0, 6, warmup=2)
+    run(pd2, trainer2, 4)
+    for n in "ab":
+        np.testing.assert_array_equal(pd2[n].data(), pd[n].data())
