@@ -16,11 +16,12 @@ import frozen
 import harness as h
 import recompiles
 import scaling
+import schedules
 import stacked
 import step_overhead
 
 HERE = Path(__file__).resolve().parent
-BENCHMARKS = (step_overhead, scaling, recompiles, frozen, stacked)
+BENCHMARKS = (step_overhead, scaling, recompiles, frozen, stacked, schedules)
 
 
 def main(argv=None) -> int:

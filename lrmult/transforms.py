@@ -79,8 +79,9 @@ def _is_helper(kind: Any) -> bool:
 class Slot(NamedTuple):
     """Where one position's multiplier sits in a `MultState`'s blocks, and what it is.
 
-    The multiplier is `constant · kind(t)`: `constant` (shaped `shape`) is stored first; a
-    `schedules.Schedule` kind's numbers (`numbers` of them, each shaped `shape`) follow it.
+    The multiplier is `constant · kind(t)`: `constant` (shaped `shape`) sits in a block; a
+    `schedules.Schedule` kind's numbers sit in that kind's table (`MultSpec.tables`: one array
+    `(numbers, width)` per kind, evaluated once per step for all its positions), at `column`.
 
     Attributes:
       block: which block.
@@ -90,7 +91,9 @@ class Slot(NamedTuple):
       rows: the group's rows (of `total`), or None for a whole leaf.
       total: the number of layers of the group's leaf (0 for a whole leaf).
       kind: None (a constant), a `schedules.Schedule` subclass, or a user's schedule function.
-      numbers: how many numbers the kind keeps in the block.
+      numbers: how many numbers the kind keeps in its table (0: none).
+      table: which table (a `schedules.Schedule` kind).
+      column: the position's first column in that table.
     """
 
     block: int
@@ -100,16 +103,13 @@ class Slot(NamedTuple):
     total: int = 0
     kind: Any = None
     numbers: int = 0
+    table: int = -1
+    column: int = 0
 
     @property
     def size(self) -> int:
         """The number of entries of the constant."""
         return int(np.prod(self.shape, dtype=np.int64))
-
-    @property
-    def length(self) -> int:
-        """The number of block entries the position takes."""
-        return self.size * (1 + self.numbers)
 
     def take(self, value: Any) -> Any:
         """A leaf's multiplier (scalar, per layer, or schedule) as this position holds it."""
@@ -121,28 +121,29 @@ class Slot(NamedTuple):
         flat = np.broadcast_to(flat, (self.total,)) if flat.size == 1 else flat
         return flat[list(self.rows)]
 
-    def value(self, blocks: list[jax.Array], t: jax.Array) -> jax.Array:
-        """The multiplier inside a step at step `t`: static slices of its block."""
-        block = blocks[self.block]
-        n = self.size
-        if self.shape:
-            constant = block[self.start : self.start + n].reshape(self.shape)
-        else:
-            constant = block[self.start]
+    def value(self, blocks: list[jax.Array], evaluated: list[jax.Array], t: jax.Array) -> jax.Array:
+        """The multiplier inside a step at step `t`: static slices of its block (and table).
+
+        Args:
+          blocks: the state's blocks.
+          evaluated: each table's kind evaluated at `t` over the table's columns.
+          t: the step count.
+        """
+        constant = _slice(blocks[self.block], self.start, self.shape)
         if self.kind is None:
             return constant
         if self.numbers:
-            nums = block[self.start + n : self.start + self.length]
-            nums = nums.reshape((self.numbers, *self.shape))
-            return constant * self.kind.formula(t, [nums[i] for i in range(self.numbers)])
+            return constant * _slice(evaluated[self.table], self.column, self.shape)
         out = jnp.asarray(self.kind(t), jnp.float32)
         if out.ndim and self.rows is not None:
             out = out.reshape(-1)[np.array(self.rows)]
         return constant * jnp.broadcast_to(out, self.shape)
 
-    def kind_of(self) -> tuple:
-        """What the step compiles for (everything but the numbers)."""
-        return (self.shape, self.rows, self.total, self.kind, self.numbers)
+
+def _slice(vector: jax.Array, start: int, shape: tuple[int, ...]) -> jax.Array:
+    if not shape:
+        return vector[start]
+    return vector[start : start + int(np.prod(shape, dtype=np.int64))].reshape(shape)
 
 
 class _Rows:
@@ -170,7 +171,7 @@ def layout(lengths: list[int | None]) -> tuple[list[int], list[tuple[int, int]]]
     Returns:
       `(sizes of the blocks, (block, start) of each position)` (`(-1, 0)` for None): small
       multipliers share blocks of `BLOCK` entries; a position of `BLOCK` entries or more (a
-      stacked leaf's vector, a schedule's numbers) has a block of its own.
+      stacked leaf's vector) has a block of its own.
     """
     sizes: list[int] = []
     places: list[tuple[int, int]] = []
@@ -207,8 +208,8 @@ def _stack_shape(value: Any) -> tuple[int, ...]:
     return ()
 
 
-def plan_slots(flat: list[Any], held: list[Any]) -> tuple[tuple[Slot | None, ...], tuple]:
-    """The slots and block sizes for the positions `flat` holding multipliers `held`."""
+def plan_slots(flat: list[Any], held: list[Any]) -> tuple[tuple[Slot | None, ...], tuple, tuple]:
+    """The slots, block sizes and tables `(kind, width)` for positions `flat` holding `held`."""
     kinds = []
     for x, h in zip(flat, held, strict=True):
         if h is None:
@@ -217,10 +218,9 @@ def plan_slots(flat: list[Any], held: list[Any]) -> tuple[tuple[Slot | None, ...
         shape = (len(x.rows),) if isinstance(x, Rows) else _shape_of(x, h)
         _, kind, numbers = _parts(h, shape)
         kinds.append((shape, kind, 0 if numbers is None else len(numbers)))
-    lengths = [
-        None if k is None else int(np.prod(k[0], dtype=np.int64)) * (1 + k[2]) for k in kinds
-    ]
+    lengths = [None if k is None else int(np.prod(k[0], dtype=np.int64)) for k in kinds]
     sizes, places = layout(lengths)
+    tables: dict[Any, int] = {}  # kind -> width so far
     slots = []
     for x, k, (block, start) in zip(flat, kinds, places, strict=True):
         if k is None:
@@ -228,8 +228,13 @@ def plan_slots(flat: list[Any], held: list[Any]) -> tuple[tuple[Slot | None, ...
             continue
         shape, kind, numbers = k
         rows, total = (tuple(x.rows), x.total) if isinstance(x, Rows) else (None, 0)
-        slots.append(Slot(block, start, shape, rows, total, kind, numbers))
-    return tuple(slots), tuple(sizes)
+        table, column = -1, 0
+        if numbers:
+            column = tables.setdefault(kind, 0)
+            table = list(tables).index(kind)
+            tables[kind] = column + int(np.prod(shape, dtype=np.int64))
+        slots.append(Slot(block, start, shape, rows, total, kind, numbers, table, column))
+    return tuple(slots), tuple(sizes), tuple(tables.items())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -247,6 +252,7 @@ class MultSpec:
       slots: each position's `Slot` in the blocks (None where the position is frozen).
       blocks: the size of each block.
       positions: each position's rows and total (a group of layers) or None, to re-plan slots.
+      tables: `(kind, width)` of each schedule kind's table of numbers.
     """
 
     attr: str
@@ -258,6 +264,7 @@ class MultSpec:
     slots: tuple[Slot | None, ...] = ()
     blocks: tuple[int, ...] = ()
     positions: tuple[Any, ...] = ()
+    tables: tuple[tuple[Any, int], ...] = ()
 
     def leaves_for(self, param_dict: Mapping[str, Any] | None) -> list[Leaf]:
         """The leaves as `param_dict` indexes them (a ParamDict's order is the one users count)."""
@@ -276,28 +283,36 @@ class MultSpec:
         ]
 
     def pack(self, held: list[Any]) -> list[np.ndarray]:
-        """The blocks holding each position's multiplier (padding: 1.0)."""
+        """The blocks (padding: 1.0), then the tables, holding each position's multiplier."""
         blocks = [np.ones(n, np.float32) for n in self.blocks]
+        tables = [np.zeros((len(kind.NUMBERS), width), np.float32) for kind, width in self.tables]
         for slot, h in zip(self.slots, held, strict=True):
             if slot is None:
                 continue
             constant, _, numbers = _parts(h, slot.shape)
-            entries = np.reshape(constant, -1)
+            blocks[slot.block][slot.start : slot.start + slot.size] = np.reshape(constant, -1)
             if numbers is not None:
-                entries = np.concatenate([entries, np.reshape(numbers, -1)])
-            blocks[slot.block][slot.start : slot.start + slot.length] = entries
-        return blocks
+                columns = slice(slot.column, slot.column + slot.size)
+                tables[slot.table][:, columns] = np.reshape(numbers, (slot.numbers, -1))
+        return blocks + tables
 
-    def unpack(self, blocks: list[np.ndarray], t: int) -> list[np.ndarray | None]:
+    def evaluate(self, values: list[Any], t: jax.Array) -> tuple[list[Any], list[Any]]:
+        """`(blocks, each table's kind evaluated at step t)` of a state's arrays."""
+        blocks, tables = values[: len(self.blocks)], values[len(self.blocks) :]
+        evaluated = [
+            kind.formula(t, [table[i] for i in range(len(kind.NUMBERS))])
+            for (kind, _), table in zip(self.tables, tables, strict=True)
+        ]
+        return blocks, evaluated
+
+    def unpack(self, values: list[np.ndarray], t: int) -> list[np.ndarray | None]:
         """Each position's multiplier at step `t`, on the host (None where frozen)."""
-        out = []
-        for slot in self.slots:
-            if slot is None:
-                out.append(None)
-                continue
-            value = slot.value([jnp.asarray(b) for b in blocks], jnp.asarray(t, jnp.float32))
-            out.append(np.asarray(value, np.float32))
-        return out
+        tt = jnp.asarray(t, jnp.float32)
+        blocks, evaluated = self.evaluate([jnp.asarray(v) for v in values], tt)
+        return [
+            None if slot is None else np.asarray(slot.value(blocks, evaluated, tt), np.float32)
+            for slot in self.slots
+        ]
 
 
 def _position_slot(position: Any) -> Slot:
@@ -382,10 +397,10 @@ class MultState:
         values = lookup.multiplier_values(spec.attr, leaves, param_dict, overrides)
         held = spec.held_of(values)
         like = [None if p is None else (Rows(None, *p) if p else 0) for p in spec.positions]
-        slots, sizes = plan_slots(like, held)
+        slots, sizes, tables = plan_slots(like, held)
         arrays, treedef = jax.tree.flatten(self.values)
-        if slots != spec.slots:
-            new_spec = dataclasses.replace(spec, slots=slots, blocks=sizes)
+        if slots != spec.slots or tables != spec.tables:
+            new_spec = dataclasses.replace(spec, slots=slots, blocks=sizes, tables=tables)
             ref = next((a for a in arrays), None)
             return MultState(_placed(new_spec.pack(held), ref), new_spec)
         new = spec.pack(held)
@@ -472,7 +487,7 @@ def _multiplier_init(
             None if p is None else _position_slot(p).take(v)
             for p, v in zip(positions, values, strict=True)
         ]
-        slots, sizes = plan_slots(flat, held)
+        slots, sizes, tables = plan_slots(flat, held)
         spec = MultSpec(
             attr,
             tuple(leaves),
@@ -483,23 +498,25 @@ def _multiplier_init(
             slots,
             sizes,
             positions,
+            tables,
         )
         return MultState(_placed(spec.pack(held), _reference(params)), spec)
 
     return init
 
 
-def _scaled(spec: MultSpec, blocks: list, t: jax.Array, updates: Any, fn: Callable) -> Any:
+def _scaled(spec: MultSpec, values: list, t: jax.Array, updates: Any, fn: Callable) -> Any:
     """`fn(update, multiplier)` for each position of `updates` that holds a slot."""
+    blocks, evaluated = spec.evaluate(values, t)
     flat, treedef = flatten(updates)
     out = []
     for x, slot in zip(flat, spec.slots, strict=True):
         if slot is None or is_masked(x):
             out.append(x)
         elif isinstance(x, Rows):
-            out.append(Rows(fn(x.value, slot.value(blocks, t)), x.rows, x.total))
+            out.append(Rows(fn(x.value, slot.value(blocks, evaluated, t)), x.rows, x.total))
         else:
-            out.append(fn(x, slot.value(blocks, t)))
+            out.append(fn(x, slot.value(blocks, evaluated, t)))
     return treedef.unflatten(out)
 
 

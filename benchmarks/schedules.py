@@ -1,0 +1,78 @@
+"""6. Multipliers that are schedules: every leaf with its own warmup, against constant multipliers
+
+AdamW on kernels 32² (batch 16); `constant`: `lr_mult = 0.5 ** (i % 4)` on every leaf;
+`warmup`: every leaf its own `lrmult.schedules.linear_warmup(0.5 ** (i % 4), 50 + i)` (its numbers
+are optimizer state: one compiled step for all of them); `A/A`: the constant runner's compiled
+step on buffers of its own. Hand-jitted donating steps (`chain`) and `Trainer.train_step`. First
+call: `jax.clear_caches()`, a new runner, its first step (trace + compile + run).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import harness as h
+import jax
+
+import lrmult
+from lrmult import schedules
+
+
+def multipliers(params, scheduled: bool) -> lrmult.ParamDict:
+    pd = h.param_dict(params)
+    for i, p in enumerate(pd.values()):
+        m = 0.5 ** (i % 4)
+        p.lr_mult = schedules.linear_warmup(m, 50 + i) if scheduled else m
+    return pd
+
+
+def run(quick: bool) -> h.Report:
+    leaves, rounds, first_rounds = (16, 4, 1) if quick else (200, 12, 2)
+    model = h.MLP(leaves, 32, 16, False)
+    params, batch = model.init(), model.batch_data()
+    opts = {"learning_rate": h.LR, "wd": h.WD}
+    build = {
+        "chain constant": lambda: h.OptaxRunner(
+            lrmult.adamw(h.LR, weight_decay=h.WD, param_dict=multipliers(params, False)),
+            params,
+            batch,
+        ),
+        "chain warmup": lambda: h.OptaxRunner(
+            lrmult.adamw(h.LR, weight_decay=h.WD, param_dict=multipliers(params, True)),
+            params,
+            batch,
+        ),
+        "Trainer constant": lambda: h.TrainerRunner(
+            multipliers(params, False), "adamw", opts, batch
+        ),
+        "Trainer warmup": lambda: h.TrainerRunner(multipliers(params, True), "adamw", opts, batch),
+    }
+    runners = {k: b() for k, b in build.items()}
+    runners["A/A"] = runners["chain constant"].twin()
+    t = h.interleave(runners, rounds, 0.01 if quick else 0.04)
+    first = {k: [] for k in build}
+    for r in range(first_rounds):
+        for k in list(build)[r % 4 :] + list(build)[: r % 4]:
+            jax.clear_caches()
+            runner = build[k]()
+            t0 = time.perf_counter()
+            jax.block_until_ready(runner())
+            first[k].append(time.perf_counter() - t0)
+    pairs = [
+        ("A/A", "chain constant", None),
+        ("chain warmup", "chain constant", "chain"),
+        ("Trainer warmup", "Trainer constant", "Trainer"),
+    ]
+    rows = []
+    for k, base, kind in pairs:
+        row = [k, base, h.fmt_time(h.median(t[k])), *h.ratio(t[k], t[base])]
+        row += h.ratio(first[k], first[base], 2) if kind else ["", ""]
+        rows.append(row)
+    header = ["variant", "against", "step", "step med", "step min", "first call med", "… min"]
+    note = f"{leaves} leaves, {rounds} step-timing rounds, {first_rounds} first-call round(s)."
+    return h.Report(__doc__, [note, h.table(header, rows)])
+
+
+if __name__ == "__main__":
+    sys.exit(h.main(run, __doc__))
