@@ -590,6 +590,14 @@ class Parameter:
                 f"axes {shape}, got {layers.dtype} of shape {layers.shape}"
             )
         base = self.setting(attr) if base is None else base
+        if is_schedule(value) or is_schedule(base.value):
+            if is_schedule(value) and layers.all():
+                return attr, Setting(value, origin or "param")
+            raise ValueError(
+                f"{_describe(self._name)}: a schedule applies to the whole parameter, not to some "
+                f"of its layers; set {attr} on the whole parameter (a lrmult.schedules helper "
+                f"takes per-layer numbers: linear_warmup(np.array([...]), steps))"
+            )
         dtype = bool if attr == "frozen" else np.float64
         default = False if attr == "frozen" else 1.0
         values = np.array(np.broadcast_to(default if base.value is None else base.value, shape))

@@ -219,3 +219,13 @@ def test_checkpoint_keeps_helper_schedules_and_their_position(tmp_path):
     run(pd2, trainer2, 4)
     for n in "ab":
         np.testing.assert_array_equal(pd2[n].data(), pd[n].data())
+
+
+def test_a_schedule_on_some_layers_of_a_stack_is_refused():
+    pd = lrmult.ParamDict.from_pytree({"layers": {"k": jnp.ones((4, 2))}}, stacked={"layers": 1})
+    with pytest.raises(ValueError, match="'layers/k'.*whole parameter"):
+        pd.select("layers/[01]/").setattr("lr_mult", schedules.linear_warmup(1.0, 4))
+    assert not pd["layers/k"].is_set("lr_mult")
+    pd.select("layers/").setattr("lr_mult", schedules.linear_warmup(1.0, 4))  # every layer: fine
+    with pytest.raises(ValueError, match="whole parameter"):
+        pd.select("layers/0/").setattr("lr_mult", 0.5)
