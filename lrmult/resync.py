@@ -20,6 +20,7 @@ import optax
 from lrmult import lookup
 from lrmult.lookup import Rows, is_masked, is_position
 from lrmult.transforms import (
+    ClockState,
     CohortState,
     MultState,
     TrainableState,
@@ -166,6 +167,40 @@ def structure(opt_state: Any) -> dict[str, Any]:
     return out
 
 
+def _joining(was: Any, now: Any) -> bool:
+    """Whether a leaf (or some of its layers) goes from frozen to trainable."""
+    was = np.broadcast_to(np.asarray(was), np.shape(now)) if isinstance(now, tuple) else was
+    now_arr, was_arr = np.asarray(now), np.asarray(was)
+    if now_arr.ndim == 0 and was_arr.ndim:
+        now_arr = np.broadcast_to(now_arr, was_arr.shape)
+    return bool(np.any(was_arr & ~now_arr))
+
+
+def _start_own_clocks(state: Any, leaves: Any, was: Any, now: Any, param_dict: Any) -> None:
+    """Start the own-clock schedules (`clock="own"`) of the parameters joining training now.
+
+    Their `start` becomes the state's step count, so they count from their own first step.
+    """
+    joining = [
+        leaf.name
+        for leaf, w, n in zip(leaves, was, now, strict=True)
+        if param_dict is not None and leaf.name in param_dict and _joining(w, n)
+    ]
+    owned = [
+        (param_dict[name], attr)
+        for name in joining
+        for attr in ("lr_mult", "wd_mult")
+        if getattr(getattr(param_dict[name], attr), "clock", None) == "own"
+    ]
+    if not owned:
+        return
+    clocks = find(state.inner, ClockState)
+    step = int(np.asarray(clocks[0][1].count.addressable_data(0))) if clocks else 0
+    for param, attr in owned:
+        setting = param.setting(attr)
+        param.put(attr, setting._replace(value=setting.value.started(step)))
+
+
 def _restructure(
     state: TrainableState, param_dict: Any, saved: Mapping[str, Any] | None = None
 ) -> TrainableState:
@@ -179,6 +214,7 @@ def _restructure(
     if saved is None:
         if frozen == spec.frozen:
             return state
+        _start_own_clocks(state, spec.leaves, spec.frozen, frozen, param_dict)
         before = list(spec.labels or [None] * len(frozen))
         cohorts = _cohorts(state.inner)
     else:

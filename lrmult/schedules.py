@@ -7,8 +7,9 @@ per distinct set of functions (cached). The helpers here keep their numbers (pea
 ...) as optimizer state instead, so changing a helper's numbers never recompiles; their numbers
 may be arrays over the layers of a stacked Parameter.
 
-The clock is the optimizer's step count for every parameter (also one unfrozen later); give a
-helper `start=` to count from another step (a parameter's own first step).
+The clock is the optimizer's step count for every parameter (the default, also for one unfrozen
+later); a helper with `clock="own"` counts from the step at which its parameter joins training
+(its `start` is set then, by the Trainer or `lrmult.refresh`), and `start=` counts from any step.
 """
 
 from __future__ import annotations
@@ -30,7 +31,12 @@ class Schedule:
     # Numbers that are step counts (>= 0), not values to scale.
     STEPS: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(self, **numbers: Any) -> None:
+    def __init__(self, clock: str = "global", **numbers: Any) -> None:
+        if clock not in ("global", "own"):
+            raise ValueError(
+                f"{type(self).__name__}: clock must be 'global' or 'own', got {clock!r}"
+            )
+        self.clock = clock
         for key, value in numbers.items():
             arr = np.asarray(value, np.float64)
             if arr.dtype == np.bool_ or not np.all(np.isfinite(arr)) or np.any(arr < 0):
@@ -71,6 +77,7 @@ class Schedule:
         if isinstance(factor, Schedule) or callable(factor):
             return NotImplemented
         out = type(self).__new__(type(self))
+        out.clock = self.clock
         numbers = dict(self._numbers)
         for key in self.NUMBERS:
             if key not in self.STEPS:
@@ -80,9 +87,18 @@ class Schedule:
 
     __rmul__ = __mul__
 
+    def started(self, step: int) -> Schedule:
+        """The same schedule counting from `step` (its `start`), for a parameter joining then."""
+        if "start" not in self.NUMBERS:
+            return self
+        numbers = {**self._numbers, "start": float(step)}
+        return type(self)(self.clock, **numbers)
+
     def __eq__(self, other: object) -> bool:
         if type(other) is not type(self):
             return NotImplemented
+        if self.clock != other.clock:
+            return False
         return all(
             np.array_equal(np.asarray(a), np.asarray(b))
             for a, b in zip(self._numbers.values(), other._numbers.values(), strict=True)
@@ -96,6 +112,8 @@ class Schedule:
             return f"{float(arr):.6g}" if arr.ndim == 0 else str(arr.tolist())
 
         args = ", ".join(f"{k}={fmt(v)}" for k, v in self._numbers.items())
+        if self.clock != "global":
+            args += f", clock={self.clock!r}"
         return f"{_NAMES.get(type(self), type(self).__name__)}({args})"
 
 
@@ -189,38 +207,58 @@ def constant(value: Any) -> Schedule:
     return _Constant(value=value)
 
 
-def linear_warmup(peak: Any, steps: Any, *, start: Any = 0, init: Any = 0.0) -> Schedule:
+def linear_warmup(
+    peak: Any, steps: Any, *, start: Any = 0, init: Any = 0.0, clock: str = "global"
+) -> Schedule:
     """From `init` at step `start` linearly to `peak` at `start + steps`, then `peak`.
 
-    Before `start` the value is 0 (a parameter that joins later counts from `start`).
+    Before `start` the value is 0. `clock="own"`: `start` becomes the step at which the
+    parameter joins training (unfrozen), so it counts from its own first step.
 
     Example:
       >>> params.select("head/").setattr("lr_mult", lrmult.schedules.linear_warmup(1.0, 100))
     """
     _steps("steps", steps, "linear_warmup")
     _steps("start", start, "linear_warmup")
-    return _LinearWarmup(peak=peak, init=init, steps=steps, start=start)
+    return _LinearWarmup(clock, peak=peak, init=init, steps=steps, start=start)
 
 
 def cosine(
-    peak: Any, decay_steps: Any, *, warmup: Any = 0, end: Any = 0.0, start: Any = 0
+    peak: Any,
+    decay_steps: Any,
+    *,
+    warmup: Any = 0,
+    end: Any = 0.0,
+    start: Any = 0,
+    clock: str = "global",
 ) -> Schedule:
-    """Linear warmup to `peak` over `warmup` steps, then a cosine to `end` over `decay_steps`."""
+    """Linear warmup to `peak` over `warmup` steps, then a cosine to `end` over `decay_steps`.
+
+    Counted from `start` (0 before it); `clock="own"` as in `linear_warmup`.
+    """
     _steps("decay_steps", decay_steps, "cosine", positive=True)
     _steps("warmup", warmup, "cosine")
     _steps("start", start, "cosine")
-    return _Cosine(peak=peak, end=end, warmup=warmup, decay_steps=decay_steps, start=start)
+    return _Cosine(clock, peak=peak, end=end, warmup=warmup, decay_steps=decay_steps, start=start)
 
 
-def step(value: Any, every: Any, *, gamma: Any = 0.1, start: Any = 0) -> Schedule:
-    """`value · gamma^k` after `k` periods of `every` steps (PyTorch's `StepLR`)."""
+def step(
+    value: Any, every: Any, *, gamma: Any = 0.1, start: Any = 0, clock: str = "global"
+) -> Schedule:
+    """`value · gamma^k` after `k` periods of `every` steps from `start` (PyTorch's `StepLR`)."""
     _steps("every", every, "step", positive=True)
     _steps("start", start, "step")
-    return _Step(value=value, gamma=gamma, every=every, start=start)
+    return _Step(clock, value=value, gamma=gamma, every=every, start=start)
 
 
 def slanted_triangular(
-    peak: Any, total: Any, *, cut_frac: float = 0.1, ratio: float = 32.0, start: Any = 0
+    peak: Any,
+    total: Any,
+    *,
+    cut_frac: float = 0.1,
+    ratio: float = 32.0,
+    start: Any = 0,
+    clock: str = "global",
 ) -> Schedule:
     """ULMFiT's slanted triangular rate: up over `cut_frac` of `total` steps, then down.
 
@@ -232,7 +270,9 @@ def slanted_triangular(
         raise ValueError(f"slanted_triangular: cut_frac must be in (0, 1), got {cut_frac!r}")
     if not float(ratio) >= 1:
         raise ValueError(f"slanted_triangular: ratio must be >= 1, got {ratio!r}")
-    return _SlantedTriangular(peak=peak, total=total, cut_frac=cut_frac, ratio=ratio, start=start)
+    return _SlantedTriangular(
+        clock, peak=peak, total=total, cut_frac=cut_frac, ratio=ratio, start=start
+    )
 
 
 class Scaled:
@@ -336,6 +376,7 @@ def describe(value: Any) -> dict[str, Any] | None:
         return None
     return {
         "schedule": _NAMES[type(value)],
+        "clock": value.clock,
         **{k: np.asarray(v).tolist() for k, v in value.numbers.items()},
     }
 
@@ -343,7 +384,8 @@ def describe(value: Any) -> dict[str, Any] | None:
 def from_description(data: dict[str, Any]) -> Schedule:
     """`describe`'s inverse."""
     kind = {v: k for k, v in _NAMES.items()}[data["schedule"]]
-    return kind(**{k: np.asarray(data[k], np.float64) for k in kind.NUMBERS})
+    numbers = {k: np.asarray(data[k], np.float64) for k in kind.NUMBERS}
+    return kind(data.get("clock", "global"), **numbers)
 
 
 def value_at(value: Any, step: int) -> Any:

@@ -229,3 +229,35 @@ def test_a_schedule_on_some_layers_of_a_stack_is_refused():
     pd.select("layers/").setattr("lr_mult", schedules.linear_warmup(1.0, 4))  # every layer: fine
     with pytest.raises(ValueError, match="whole parameter"):
         pd.select("layers/0/").setattr("lr_mult", 0.5)
+
+
+@pytest.mark.parametrize("driver", ["trainer", "refresh"])
+def test_own_clock_counts_from_the_step_a_parameter_joins(driver):
+    # b frozen for 3 steps, then unfrozen: its warmup counts from step 3, a's from step 0.
+    pd = lrmult.ParamDict.from_pytree({"a": jnp.ones(2), "b": jnp.ones(2)})
+    for n in "ab":
+        pd[n].lr_mult = schedules.linear_warmup(1.0, 2, clock="own")
+    pd["b"].frozen = True
+    g = {"a": jnp.ones(2), "b": jnp.ones(2)}
+    if driver == "trainer":
+        trainer = lrmult.Trainer(pd, "sgd", {"learning_rate": 1.0})
+        for k in range(6):
+            if k == 3:
+                pd["b"].frozen = False
+            trainer.step(g)
+    else:
+        tx = lrmult.sgd(1.0, param_dict=pd)
+        params, state = pd.tree(), tx.init(pd.tree())
+        for k in range(6):
+            if k == 3:
+                pd["b"].frozen = False
+                state = lrmult.refresh(state, pd)
+            u, state = tx.update(g, state, params)
+            params = optax.apply_updates(params, u)
+        pd.select("a|b").setattr("frozen", False)
+        for n in "ab":
+            pd[n].set_data(params[n])
+    # a: fractions 0, .5, 1, 1, 1, 1; b: steps 3, 4, 5 are its own 0, 1, 2
+    np.testing.assert_allclose(pd["a"].data(), 1 - 4.5)
+    np.testing.assert_allclose(pd["b"].data(), 1 - 1.5)
+    assert pd["b"].lr_mult == schedules.linear_warmup(1.0, 2, start=3, clock="own")
