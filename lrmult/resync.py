@@ -3,7 +3,9 @@
 `refresh` rewrites the per-leaf multipliers a state holds (same structure, so a jitted update does
 not recompile) and, when the frozen set changed, gives the state its new structure: the state of
 every leaf that stays trainable is carried over, newly trainable leaves get fresh state in a
-cohort of their own (their own step count), newly frozen leaves drop theirs.
+cohort of their own (their own step count), newly frozen leaves drop theirs. Likewise when the
+set of parameters decayed toward w₀ (`decay_to_init`) changed: anchors that stay are kept, newly
+anchored parameters take their value now as w₀, others drop theirs.
 """
 
 from __future__ import annotations
@@ -17,20 +19,23 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lrmult import lookup
+from lrmult import flax_trees, lookup
+from lrmult._names import path_name
 from lrmult.lookup import Rows, is_masked, is_position
 from lrmult.transforms import (
+    AnchorState,
     CohortState,
     MultState,
     TrainableState,
     check_param_dict,
     layer_labels,
     members,
+    value_now,
 )
 
 
 def _is_node(x: Any) -> bool:
-    return isinstance(x, (TrainableState, MultState, CohortState))
+    return isinstance(x, (TrainableState, MultState, CohortState, AnchorState))
 
 
 def find(opt_state: Any, kind: type) -> list[tuple[Any, Any]]:
@@ -127,7 +132,9 @@ def _regroup(fresh: Any, old_state: Any, params: Any) -> Any:
     )
 
 
-def _restructure(state: TrainableState, param_dict: Any) -> TrainableState:
+def _restructure(
+    state: TrainableState, param_dict: Any, given: Mapping[str, Any] | None = None
+) -> TrainableState:
     spec = state.spec
     lookup.check_leaves_named(list(spec.leaves), param_dict, "refresh")
     frozen = lookup.frozen_mask(list(spec.leaves), param_dict)
@@ -142,8 +149,9 @@ def _restructure(state: TrainableState, param_dict: Any) -> TrainableState:
     for leaf, dtype, fz in zip(spec.leaves, spec.dtypes, frozen, strict=True):
         if fz is True:
             values.append(optax.MaskedNode())
-        elif param_dict is not None and leaf.name in param_dict:
-            values.append(param_dict[leaf.name].peek())
+        elif given is not None or (param_dict is not None and leaf.name in param_dict):
+            # Fresh state is built on these: newly trainable, anchored leaves take them as w₀.
+            values.append(value_now(leaf, param_dict, given))
         else:
             values.append(jnp.zeros(leaf.shape, dtype))
     new_spec = replace(spec, frozen=frozen, labels=labels)
@@ -157,6 +165,7 @@ def refresh_state(
     opt_state: Any,
     param_dict: Any,
     overrides: Mapping[str, Mapping] | None = None,
+    values: Mapping[str, Any] | None = None,
 ) -> Any:
     """The engine of `refresh`, with the Trainer's own override dicts and warning record.
 
@@ -164,17 +173,21 @@ def refresh_state(
       opt_state: an optimizer state holding lrmult's nodes.
       param_dict: the ParamDict to read.
       overrides: `{"lr_mult": {...}, "wd_mult": {...}}` replacing the transformations' own.
+      values: `{leaf path: array}`: the values being trained, for newly anchored (and newly
+        trainable) leaves; None: the Parameters' values.
 
     An override that a Parameter's setting shadows since is warned about once per setting.
     """
 
     def visit(node):
         if isinstance(node, TrainableState):
-            node = _restructure(node, param_dict)
+            node = _restructure(node, param_dict, values)
             return TrainableState(jax.tree.map(visit, node.inner, is_leaf=_is_node), node.spec)
         if isinstance(node, MultState):
             ovr = None if overrides is None else overrides.get(node.spec.attr, {})
             return node.refreshed(param_dict, ovr)
+        if isinstance(node, AnchorState):
+            return node.refreshed(param_dict, values)
         return node
 
     return jax.tree.map(visit, opt_state, is_leaf=_is_node)
@@ -182,29 +195,40 @@ def refresh_state(
 
 def bound_param_dict(opt_state: Any) -> Mapping[str, Any] | None:
     """The ParamDict the state's nodes are bound to (the first one found), or None."""
-    for kind in (TrainableState, MultState):
+    for kind in (TrainableState, MultState, AnchorState):
         for _, node in find(opt_state, kind):
             if node.spec.binding is not None and node.spec.binding.param_dict is not None:
                 return node.spec.binding.param_dict
     return None
 
 
-def refresh(opt_state: Any, param_dict: Mapping[str, Any] | None = None) -> Any:
-    """The same optimizer state with `param_dict`'s current multipliers and frozen set.
+def refresh(
+    opt_state: Any, param_dict: Mapping[str, Any] | None = None, *, params: Any = None
+) -> Any:
+    """The same optimizer state with `param_dict`'s current multipliers, frozen and anchored sets.
 
     Call it between steps after `setattr`: the new state has the same structure (so a jitted
     update does not recompile) unless the frozen set changed, in which case it has the new
     structure, the state of every leaf that stays trainable is carried over, and newly trainable
-    leaves get fresh state (with their own step count, under the ready chains).
+    leaves get fresh state (with their own step count, under the ready chains). Likewise for the
+    parameters decayed toward w₀ (`decay_to_init`): w₀ of those that stay anchored is kept, a
+    newly anchored one takes its value now.
 
     Args:
       opt_state: a state made by lrmult's transformations (anywhere inside an optax chain,
         `inject_hyperparams`, ...).
       param_dict: the ParamDict to read; defaults to the one the transformations were built
         with (a state built from a ParamDict stays bound to it).
+      params: the tree being trained (the one passed to `update`), whose values newly anchored
+        parameters take as w₀. Without it they take their Parameters' values, which at the
+        optax level are those the ParamDict was built with unless you `set_data`.
 
     Returns:
       The new state; `opt_state` itself is not modified. Unchanged multipliers keep their arrays.
+
+    Example:
+      >>> params_dict["backbone/kernel"].decay_to_init = True
+      >>> opt_state = lrmult.refresh(opt_state, params_dict, params=params)
     """
     if param_dict is None:
         param_dict = bound_param_dict(opt_state)
@@ -214,4 +238,20 @@ def refresh(opt_state: Any, param_dict: Mapping[str, Any] | None = None) -> Any:
             "track=False); pass the one to read: refresh(opt_state, param_dict)"
         )
     check_param_dict(param_dict, "refresh")
-    return refresh_state(opt_state, param_dict)
+    return refresh_state(opt_state, param_dict, values=_values(params, param_dict))
+
+
+def _values(params: Any, param_dict: Mapping[str, Any]) -> dict[str, Any] | None:
+    """`{path name: array}` of a params tree, each checked against its Parameter if it has one."""
+    if params is None:
+        return None
+    params = flax_trees.unbox_variables(params, is_masked)
+    flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_masked)[0]
+    out = {path_name(path): x for path, x in flat if not is_masked(x)}
+    for name, x in out.items():
+        if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+            raise TypeError(f"refresh: params leaf {name!r} is a {type(x).__name__}, not an array")
+        param = param_dict.get(name) if hasattr(param_dict, "get") else None
+        if param is not None:
+            param.check_like(x, f"refresh: params leaf {name!r}")
+    return out
