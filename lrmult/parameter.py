@@ -615,7 +615,8 @@ class Parameter:
         if layers is None:
             return attr, Setting(value, None if value is None else origin or "param")
         if attr == "decay_to_init":
-            chosen = [list(i) for i in zip(*np.nonzero(np.asarray(layers)), strict=True)]
+            picked = np.argwhere(np.asarray(layers)).tolist()
+            chosen = [i[0] if len(i) == 1 else i for i in picked]
             raise ValueError(
                 f"{_describe(self._name)}: decay_to_init is set for the whole parameter, but only "
                 f"layers {chosen} of its stack are selected; the layers of a stack are anchored "
