@@ -201,16 +201,20 @@ class NNXTrainer(Trainer):
         self._push()
 
 
-def refresh_optimizer(optimizer: Any, param_dict: ParamDict | None = None) -> None:
+def refresh_optimizer(
+    optimizer: Any, param_dict: ParamDict | None = None, *, params: Any = None
+) -> None:
     """`lrmult.refresh` for an `nnx.Optimizer` built on lrmult's transformations, in place.
 
-    Call it after changing multipliers or the frozen set between steps. Changed multipliers
-    cause no retrace of an `nnx.jit` step; a changed frozen set gives the state its new
-    structure (one trace), carrying over the state of every leaf that stays trainable.
+    Call it after changing multipliers, the frozen set or `decay_to_init` between steps. Changed
+    multipliers cause no retrace of an `nnx.jit` step; a changed frozen (or anchored) set gives
+    the state its new structure (one trace), carrying over the state of every leaf that stays.
 
     Args:
       optimizer: an `nnx.Optimizer` whose `tx` holds lrmult's transformations.
       param_dict: the ParamDict to read; defaults to the one the transformations were built with.
+      params: the model's trained state (`nnx.state(model, nnx.Param)`), whose values newly
+        anchored parameters (`decay_to_init`) take as w₀; else their Parameters' values.
     """
     nnx = _nnx()
     if not isinstance(optimizer, nnx.Optimizer):
@@ -218,7 +222,8 @@ def refresh_optimizer(optimizer: Any, param_dict: ParamDict | None = None) -> No
             f"refresh_optimizer: expected an nnx.Optimizer, got {type(optimizer).__name__}"
         )
     old = optimizer.opt_state
-    new = refresh(nnx.as_pure(old), param_dict)
+    pure = None if params is None else nnx.as_pure(params)
+    new = refresh(nnx.as_pure(old), param_dict, params=pure)
     optimizer.opt_state = nnx.data(_rewrap(old, new))
 
 

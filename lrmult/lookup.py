@@ -370,6 +370,17 @@ def frozen_mask(
     return tuple(out)
 
 
+def anchored_mask(leaves: list[Leaf], param_dict: Mapping[str, Any] | None) -> tuple[bool, ...]:
+    """Whether each leaf's Parameter has `decay_to_init` (only a Parameter can anchor a leaf).
+
+    Weight decay then pulls the leaf toward its value when the state was built (w₀); the flag is
+    one per Parameter: every layer of a stack, and every group of its layers, reads the same.
+    """
+    return tuple(
+        bool(getattr(_param(param_dict, leaf.name), "decay_to_init", False)) for leaf in leaves
+    )
+
+
 def shadowed(
     attr: str,
     overrides: Mapping[int | str, float],

@@ -13,12 +13,19 @@ import numpy as np
 from lrmult import checkpoint, flax_trees
 from lrmult._names import nest, path_name, suggest
 from lrmult.display import Table
-from lrmult.parameter import ATTRIBUTES, Parameter, check_frozen, check_grad_req, check_multiplier
+from lrmult.parameter import (
+    ATTRIBUTES,
+    Parameter,
+    check_decay_to_init,
+    check_frozen,
+    check_grad_req,
+    check_multiplier,
+)
 
 _PARAMS_FORMAT = "lrmult-params-1"
 
 # Variable metadata keys that seed a Parameter's attributes (from_nnx), in the order applied.
-_NNX_METADATA = ("lr_mult", "wd_mult", "frozen", "grad_req")
+_NNX_METADATA = ("lr_mult", "wd_mult", "frozen", "grad_req", "decay_to_init")
 
 
 class LoadRow(NamedTuple):
@@ -39,6 +46,7 @@ class ParamRow(NamedTuple):
     lr_mult: Any
     wd_mult: Any
     frozen: Any
+    decay_to_init: Any
 
 
 def _is_array(x: Any) -> bool:
@@ -280,9 +288,10 @@ class ParamDict(Mapping[str, Parameter]):
 
         Names are attribute paths joined with `/` (`backbone/kernel`, `layers/0/kernel`), as in
         `nnx.state(model, filter)`; a Variable shared by two attributes is one Parameter. Variable
-        metadata `lr_mult`, `wd_mult`, `frozen` or `grad_req` is copied onto the Parameter once,
-        here, as explicitly set values (`nnx.Linear(..., kernel_metadata={"lr_mult": 0.1})`,
-        `nnx.Param(x, frozen=True)`, `nnx.with_metadata(init, wd_mult=0.0)`).
+        metadata `lr_mult`, `wd_mult`, `frozen`, `grad_req` or `decay_to_init` is copied onto the
+        Parameter once, here, as explicitly set values
+        (`nnx.Linear(..., kernel_metadata={"lr_mult": 0.1})`, `nnx.Param(x, frozen=True)`,
+        `nnx.with_metadata(init, wd_mult=0.0)`).
 
         Args:
           model: an `nnx.Module` (or any NNX graph node).
@@ -458,13 +467,15 @@ class ParamDict(Mapping[str, Parameter]):
         return out
 
     def setattr(self, attr: str, value: Any) -> ParamDict:
-        """Set `attr` (`lr_mult`, `wd_mult`, `frozen` or `grad_req`) on every Parameter.
+        """Set `attr` on every Parameter (Gluon's `ParamDict.setattr`).
 
-        `None` unsets the attribute, so the optimizer's override dicts apply again. On a dict
-        that selects some layers of a stack (`params.select("layers/[0-2]/")`), only those
-        layers are set (or unset): the others keep what they have, set or not, and an array
-        value is shaped like the stacked axes, of which the selected entries are taken. The value
-        is checked before any Parameter changes. Returns this dict, for chaining.
+        `attr` is `lr_mult`, `wd_mult`, `frozen`, `grad_req` or `decay_to_init`. `None` unsets
+        the attribute, so the optimizer's override dicts apply again. On a dict that selects
+        some layers of a stack (`params.select("layers/[0-2]/")`), only those layers are set (or
+        unset): the others keep what they have, set or not, and an array value is shaped like
+        the stacked axes, of which the selected entries are taken (`decay_to_init` is set for
+        whole Parameters only). The value is checked before any Parameter changes. Returns this
+        dict, for chaining.
         """
         if attr not in ATTRIBUTES:
             raise AttributeError(
@@ -477,6 +488,8 @@ class ParamDict(Mapping[str, Parameter]):
                 check_grad_req(value, where)
             elif attr == "frozen":
                 check_frozen(value, where)
+            elif attr == "decay_to_init":
+                check_decay_to_init(value, where)
             else:
                 check_multiplier(attr, value, where)
         elif attr == "grad_req":
@@ -679,6 +692,7 @@ class ParamDict(Mapping[str, Parameter]):
                 p.shown("lr_mult"),
                 p.shown("wd_mult"),
                 p.shown("frozen"),
+                p.shown("decay_to_init"),
             )
             for i, (name, p) in enumerate(self._params.items())
         ]

@@ -15,7 +15,9 @@ from lrmult._names import suggest
 from lrmult.schedules import Scaled, check_schedule, is_schedule
 
 MULTIPLIERS = ("lr_mult", "wd_mult")
-ATTRIBUTES = ("lr_mult", "wd_mult", "frozen", "grad_req")
+ATTRIBUTES = ("lr_mult", "wd_mult", "frozen", "grad_req", "decay_to_init")
+# The attributes a Parameter keeps (grad_req is frozen's alias).
+KEPT = ("lr_mult", "wd_mult", "frozen", "decay_to_init")
 _GRAD_REQS = {"null": True, "write": False}
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 
@@ -203,6 +205,26 @@ def check_frozen(
     return bool(value)
 
 
+def check_decay_to_init(value: Any, name: str | None) -> bool:
+    """Validate `decay_to_init`: True or False (NumPy bools too), for the whole Parameter.
+
+    It is not per layer: weight decay toward w₀ keeps one copy of the whole value, so the layers
+    of a stack are anchored together.
+    """
+    if _is_array_like(value):
+        raise ValueError(
+            f"{_describe(name)}: decay_to_init must be True or False for the whole parameter, "
+            f"got an array; the layers of a stack are anchored together (anchoring keeps one "
+            f"copy of the whole value)"
+        )
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(
+            f"{_describe(name)}: decay_to_init must be True or False, got {value!r} of type "
+            f"{type(value).__name__}"
+        )
+    return bool(value)
+
+
 def check_grad_req(value: Any, name: str | None) -> bool:
     """Translate Gluon's grad_req into a frozen flag."""
     if value not in _GRAD_REQS:
@@ -245,6 +267,8 @@ class Parameter:
       wd_mult: weight-decay multiplier, a finite float >= 0, or `None` (unset).
       frozen: `True` excludes the parameter from training entirely (no gradient, no optimizer
         state, no weight decay); `None` is unset.
+      decay_to_init: `True` makes weight decay pull the parameter toward its value when the
+        optimizer state is built (w₀, L2-SP) instead of toward zero; `None` is unset (False).
 
     Example:
       >>> p = Parameter(jnp.zeros(3), name="bias", wd_mult=0.0)
@@ -258,6 +282,7 @@ class Parameter:
         "_lr_mult",
         "_wd_mult",
         "_frozen",
+        "_decay_to_init",
         "_donatable",
         "_source",
         "_logs",
@@ -274,6 +299,7 @@ class Parameter:
         lr_mult: float | None = None,
         wd_mult: float | None = None,
         frozen: bool | None = None,
+        decay_to_init: bool | None = None,
     ) -> None:
         if name is not None and not isinstance(name, str):
             raise TypeError(f"Parameter name must be a str, got {type(name).__name__}")
@@ -283,6 +309,7 @@ class Parameter:
         lr = None if lr_mult is None else check_multiplier("lr_mult", lr_mult, name, shape)
         wd = None if wd_mult is None else check_multiplier("wd_mult", wd_mult, name, shape)
         fz = None if frozen is None else check_frozen(frozen, name, shape)
+        anchor = None if decay_to_init is None else check_decay_to_init(decay_to_init, name)
         self._name = name
         self._value = value
         # (Outputs, key) while the value is the one a Trainer's last step left there.
@@ -290,15 +317,13 @@ class Parameter:
         self._lr_mult = lr
         self._wd_mult = wd
         self._frozen = fz
+        self._decay_to_init = anchor
         # Only arrays a Trainer produced may be donated to its jitted step; user arrays stay valid.
         self._donatable = False
         # attr -> who set it ('param', a preset, a rule), or an object array of those over a
         # stack's layers (None at layers left unset); absent: unset. explain() shows it.
-        self._source: dict[str, Any] = {
-            a: "param"
-            for a, v in (("lr_mult", lr), ("wd_mult", wd), ("frozen", fz))
-            if v is not None
-        }
+        given = {"lr_mult": lr, "wd_mult": wd, "frozen": fz, "decay_to_init": anchor}
+        self._source: dict[str, Any] = {a: "param" for a, v in given.items() if v is not None}
         self._logs: weakref.WeakSet[ChangeLog] = weakref.WeakSet()
         # (attr, override key) whose shadowing by this Parameter's setting was reported.
         self._reported: set[tuple[str, Any]] = set()
@@ -513,6 +538,24 @@ class Parameter:
         self.assign("frozen", None)
 
     @property
+    def decay_to_init(self) -> bool:
+        """Whether weight decay pulls this parameter toward w₀ instead of zero (False when unset).
+
+        w₀ is the value when the optimizer state is built (or, set later, when the state is
+        refreshed for it): the decay term becomes `λ·d·(w − w₀)` (L2-SP). It applies to the whole
+        parameter, every layer of a stack; frozen layers get no decay, as always.
+        """
+        return bool(self._decay_to_init)
+
+    @decay_to_init.setter
+    def decay_to_init(self, value: bool | None) -> None:
+        self.assign("decay_to_init", value)
+
+    @decay_to_init.deleter
+    def decay_to_init(self) -> None:
+        self.assign("decay_to_init", None)
+
+    @property
     def grad_req(self) -> str:
         """Gluon's alias of `frozen`: `'null'` is frozen, `'write'` is trainable."""
         return "null" if self.frozen else "write"
@@ -531,7 +574,7 @@ class Parameter:
         """Set (or, with `None`, unset) `attr`, validated before anything changes.
 
         Args:
-          attr: `lr_mult`, `wd_mult`, `frozen` or `grad_req`.
+          attr: `lr_mult`, `wd_mult`, `frozen`, `grad_req` or `decay_to_init`.
           value: the new value, or `None` to unset it.
           origin: what set it when not the user directly (a preset's name), shown by `explain()`.
           layers: a bool mask over a stack's layers: set (or unset) those layers only, the others
@@ -569,6 +612,8 @@ class Parameter:
             pass
         elif attr == "frozen":
             value = check_frozen(value, self._name, self.shape, self._stacked)
+        elif attr == "decay_to_init":
+            value = check_decay_to_init(value, self._name)
         elif attr in MULTIPLIERS:
             value = check_multiplier(attr, value, self._name, self.shape, self._stacked)
         else:
@@ -577,6 +622,14 @@ class Parameter:
             )
         if layers is None:
             return attr, Setting(value, None if value is None else origin or "param")
+        if attr == "decay_to_init":
+            picked = np.argwhere(np.asarray(layers)).tolist()
+            chosen = [i[0] if len(i) == 1 else i for i in picked]
+            raise ValueError(
+                f"{_describe(self._name)}: decay_to_init is set for the whole parameter, but only "
+                f"layers {chosen} of its stack are selected; the layers of a stack are anchored "
+                f"together: select the whole stack"
+            )
         if not self._stacked:
             raise ValueError(
                 f"{_describe(self._name)}: not a declared stack, so its layers cannot be set one "
@@ -626,7 +679,7 @@ class Parameter:
     def _attr(self, attr: str) -> str:
         if attr == "grad_req":
             return "frozen"
-        if attr not in ("lr_mult", "wd_mult", "frozen"):
+        if attr not in KEPT:
             raise AttributeError(
                 f"{_describe(self._name)}: unknown attribute {attr!r}{suggest(attr, ATTRIBUTES)}"
             )
@@ -641,7 +694,7 @@ class Parameter:
         return self._source.get(self._attr(attr))
 
     def is_set(self, attr: str) -> bool:
-        """Whether `attr` (`lr_mult`, `wd_mult` or `frozen`) is set on this parameter.
+        """Whether `attr` (`lr_mult`, `wd_mult`, `frozen`, `decay_to_init`) is set here.
 
         For a stack: on at least one layer (`set_mask` says which).
         """
@@ -683,6 +736,7 @@ class Parameter:
             "lr_mult": mult(self._lr_mult),
             "wd_mult": mult(self._wd_mult),
             "frozen": self._frozen,
+            "decay_to_init": self._decay_to_init,
             "origin": {attr: plain(source) for attr, source in self._source.items()},
         }
 
@@ -690,7 +744,7 @@ class Parameter:
         """Put back what `metadata()` returned (no validation: it came from this class).
 
         Checkpoints from before per-layer settings (no origin for a user's setting) read as set
-        by the user on every layer.
+        by the user on every layer; from before `decay_to_init`, as unset.
         """
 
         def back(v: Any, dtype: Any, attr: str = "") -> Any:  # JSON gives arrays back as lists
@@ -704,8 +758,13 @@ class Parameter:
 
         origins = raw.get("origin", {})
         source = {}
-        attrs = (("lr_mult", np.float64), ("wd_mult", np.float64), ("frozen", bool))
-        values = {attr: back(raw[attr], dtype, attr) for attr, dtype in attrs}  # may raise
+        attrs = (
+            ("lr_mult", np.float64),
+            ("wd_mult", np.float64),
+            ("frozen", bool),
+            ("decay_to_init", bool),
+        )
+        values = {attr: back(raw.get(attr), dtype, attr) for attr, dtype in attrs}  # may raise
         for attr, _ in attrs:
             value = values[attr]
             setattr(self, "_" + attr, value)
@@ -731,9 +790,7 @@ class Parameter:
 
     def __repr__(self) -> str:
         parts = [f"name={self._name!r}", f"shape={self.shape}", f"dtype={self.dtype}"]
-        parts += [
-            f"{a}={self.shown(a)}" for a in ("lr_mult", "wd_mult", "frozen") if self.is_set(a)
-        ]
+        parts += [f"{a}={self.shown(a)}" for a in KEPT if self.is_set(a)]
         return f"Parameter({', '.join(parts)})"
 
 

@@ -12,6 +12,7 @@ changing anything, and returns the ParamDict of the Parameters it changed (shari
 - `no_decay`: `wd_mult = 0` on biases and normalisation parameters (HuggingFace / big_vision
   practice), or MXNet 1.x's rule (decay only names ending in `weight` / `gamma` / `kernel`).
 - `linear_probe`: freeze everything but the head.
+- `decay_to_init`: weight decay toward the pretrained weights instead of zero (L2-SP).
 - `mup`: μP's `lr_mult` / `wd_mult` from a narrow base model's shapes (microsoft/mup's `MuAdam`,
   `MuSGD`).
 
@@ -335,6 +336,61 @@ def linear_probe(params: ParamDict, head: Pattern) -> ParamDict:
         frozen = name not in chosen if layers is None else ~layers  # a stack's head layers only
         p.assign("frozen", frozen, "preset:linear_probe")
     return chosen
+
+
+def decay_to_init(params: ParamDict, *, exclude: Pattern | None = None) -> ParamDict:
+    """Decay toward the pretrained weights (L2-SP): set `decay_to_init = True`.
+
+    Weight decay then pulls each chosen parameter toward w₀, its value when the optimizer state
+    is built (or, for a Trainer already built, at its next step), instead of toward zero: the
+    decay term `λ·d·w` becomes `λ·d·(w − w₀)`, wherever the optimizer puts its decay (coupled
+    for SGD and Adam, decoupled for AdamW). That is L2-SP (Li, Grandvalet & Davoine, 2018): a
+    fine-tuned backbone stays near what it learned; the new head, which has no pretrained
+    value, is usually left out (`exclude`) and decays toward zero as before. `wd_mult` still
+    scales the pull (0: none); the optimizer state keeps one copy of each chosen parameter
+    (none of the others, none while frozen). The layers of a stack are chosen together.
+    `explain()` shows `preset:decay_to_init` as the source.
+
+    Args:
+      params: the ParamDict to change (`params.select(...)` to choose some).
+      exclude: a regex (`re.match`, as in `select`) of parameters left decaying toward zero,
+        such as the new head (`"head/"`).
+
+    Returns:
+      The parameters now decayed toward w₀.
+
+    Raises:
+      ValueError: `exclude` matches nothing, or every parameter, or only some layers of a stack
+        (a stack is anchored whole); `params` selects only some layers of a stack.
+
+    Example:
+      >>> lrmult.presets.decay_to_init(params, exclude="head/")
+      >>> trainer = lrmult.Trainer(params, "adamw", {"learning_rate": 1e-4, "wd": 1e-2})
+    """
+    where = "decay_to_init"
+    _check_params(params, where)
+    left = {}
+    if exclude is not None:
+        left = params.select(exclude)
+        for name in left:
+            if left.layers_of(name) is not None:
+                raise ValueError(
+                    f"{where}: exclude {_show(exclude)} matches only some layers of the stack "
+                    f"{name!r}; the layers of a stack are anchored together: match all or none"
+                )
+        if len(left) == len(params):
+            raise ValueError(
+                f"{where}: exclude {_show(exclude)} matches every parameter, so nothing would be "
+                f"anchored; match the new layers only (e.g. 'head/')"
+            )
+    chosen = [name for name in params if name not in left]
+    plans = [
+        (name, params[name].planned(where, True, f"preset:{where}", params.layers_of(name)))
+        for name in chosen
+    ]
+    for name, plan in plans:
+        params[name].put(*plan)
+    return _subset(params, chosen)
 
 
 # μP: which of mup's rules each optimizer follows. mup's own advice (mup/optim.py): an optimizer

@@ -18,11 +18,15 @@ from lrmult import lookup, schedules
 from lrmult.display import Table
 from lrmult.lookup import Leaf
 from lrmult.resync import bound_param_dict, find
-from lrmult.transforms import ClockState, MultState
+from lrmult.transforms import AnchorState, ClockState, MultState
 
 
 class ExplainRow(NamedTuple):
-    """One row of `explain()`: what each leaf gets, and which link of the chain set it."""
+    """One row of `explain()`: what each leaf gets, and which link of the chain set it.
+
+    `decay_to_init`: whether its weight decay pulls toward w₀ (its value when the state was
+    built) instead of zero.
+    """
 
     index: int
     name: str
@@ -30,11 +34,13 @@ class ExplainRow(NamedTuple):
     lr_mult: float
     wd_mult: float
     frozen: bool
+    decay_to_init: bool
     lr: float
     wd: float
     lr_source: str
     wd_source: str
     frozen_source: str
+    decay_to_init_source: str
 
 
 def rows(
@@ -46,6 +52,7 @@ def rows(
     base_wd: float = float("nan"),
     held: Mapping[int, tuple[Any, Any]] | None = None,
     step: int = 0,
+    anchored: Mapping[str, bool] | None = None,
 ) -> list[ExplainRow]:
     """Rows in index order, with the effective rates (0 when frozen).
 
@@ -54,7 +61,8 @@ def rows(
     `lr` is `base_lr * lr_mult`, `wd` is `base_wd * wd_mult` (the weight decay λ·d applied). A
     stacked Parameter (or one with array multipliers) gets one row per layer slice, named as the
     unstacked model names it. `held` maps a leaf index to the `(lr_mult, wd_mult)` a state
-    applies; where they differ from the chain's answer the row shows them, with source `state`.
+    applies, `anchored` a leaf name to whether the state keeps its w₀; where they differ from
+    the Parameters' answer the row shows them, with source `state`.
     """
     lrs = lookup.resolve("lr_mult", leaves, param_dict, lr_overrides)
     wds = lookup.resolve("wd_mult", leaves, param_dict, wd_overrides)
@@ -70,6 +78,11 @@ def rows(
             m, ms = hm, "state"
         if not fz and hd is not None and _differs(hd, d):
             d, ds = hd, "state"
+        a = bool(getattr(param, "decay_to_init", False))
+        a_source = (param.origin("decay_to_init") if param is not None else None) or "default"
+        ha = (anchored or {}).get(leaf.name)
+        if not fz and ha is not None and ha != a:
+            a, a_source = ha, "state"
         slices = [()]
         if param is not None:
             slices = param.slices(np.shape(m) or np.shape(d)) or [()]
@@ -83,7 +96,9 @@ def rows(
             wd = 0.0 if fi else base_wd * di
             row_shape = shape[len(index) :]
             sources = (lookup.at(ms, index), lookup.at(ds, index), lookup.at(fs, index))
-            out.append(ExplainRow(leaf.index, name, row_shape, mi, di, fi, lr, wd, *sources))
+            out.append(
+                ExplainRow(leaf.index, name, row_shape, mi, di, fi, a, lr, wd, *sources, a_source)
+            )
     return sorted(out, key=lambda r: r.index)
 
 
@@ -189,15 +204,31 @@ def explain(
         base_wd,
         held,
         step,
+        _anchored(opt_state),
     )
-    stale = [r.name for r in row_list if "state" in (r.lr_source, r.wd_source)]
+    sources = ("lr_source", "wd_source", "decay_to_init_source")
+    stale = [r.name for r in row_list if "state" in (getattr(r, s) for s in sources)]
     if stale and param_dict is not None:
         warnings.warn(
-            f"explain: the state applies other multipliers than param_dict now says (first: "
-            f"{stale[0]!r}); call lrmult.refresh(opt_state, param_dict) before the next update",
+            f"explain: the state applies other multipliers (or decay_to_init) than param_dict now "
+            f"says (first: {stale[0]!r}); call lrmult.refresh(opt_state, param_dict) before the "
+            f"next update",
             stacklevel=2,
         )
     return table(row_list, "lrmult.explain", base, base_wd)
+
+
+def _anchored(opt_state: Any) -> dict[str, bool]:
+    """`{leaf name: whether the state keeps its w₀}` (leaves the state holds: not frozen)."""
+    found = find(opt_state, AnchorState)
+    if not found:
+        return {}
+    spec = found[0][1].spec
+    out: dict[str, bool] = {}
+    for leaf, present, a in zip(spec.leaves, spec.present, spec.anchored, strict=True):
+        if present:
+            out[leaf.name] = out.get(leaf.name, False) or a
+    return out
 
 
 def _overrides(node: MultState | None) -> dict | None:

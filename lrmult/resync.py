@@ -3,7 +3,9 @@
 `refresh` rewrites the per-leaf multipliers a state holds (same structure, so a jitted update does
 not recompile) and, when the frozen set changed, gives the state its new structure: the state of
 every leaf that stays trainable is carried over, newly trainable leaves get fresh state in a
-cohort of their own (their own step count), newly frozen leaves drop theirs.
+cohort of their own (their own step count), newly frozen leaves drop theirs. Likewise when the
+set of parameters decayed toward w₀ (`decay_to_init`) changed: anchors that stay are kept, newly
+anchored parameters take their value now as w₀, others drop theirs.
 """
 
 from __future__ import annotations
@@ -17,9 +19,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lrmult import lookup
+from lrmult import flax_trees, lookup
+from lrmult._names import path_name
 from lrmult.lookup import Rows, is_masked, is_position
 from lrmult.transforms import (
+    AnchorState,
     ClockState,
     CohortState,
     MultState,
@@ -27,11 +31,12 @@ from lrmult.transforms import (
     check_param_dict,
     layer_labels,
     members,
+    value_now,
 )
 
 
 def _is_node(x: Any) -> bool:
-    return isinstance(x, (TrainableState, MultState, CohortState))
+    return isinstance(x, (TrainableState, MultState, CohortState, AnchorState))
 
 
 def find(opt_state: Any, kind: type) -> list[tuple[Any, Any]]:
@@ -202,11 +207,15 @@ def _start_own_clocks(state: Any, leaves: Any, was: Any, now: Any, param_dict: A
 
 
 def _restructure(
-    state: TrainableState, param_dict: Any, saved: Mapping[str, Any] | None = None
+    state: TrainableState,
+    param_dict: Any,
+    saved: Mapping[str, Any] | None = None,
+    given: Mapping[str, Any] | None = None,
 ) -> TrainableState:
     """`state` for `param_dict`'s frozen set; with `saved` (`_history`), rebuilt as recorded.
 
-    A rebuilt state holds fresh values: the caller fills it from the checkpoint.
+    A rebuilt state holds fresh values: the caller fills it from the checkpoint. `given`:
+    `{leaf path: array}`, the values being trained (newly anchored leaves take them as w₀).
     """
     spec = state.spec
     lookup.check_leaves_named(list(spec.leaves), param_dict, "refresh")
@@ -230,8 +239,9 @@ def _restructure(
     for leaf, dtype, fz in zip(spec.leaves, spec.dtypes, frozen, strict=True):
         if fz is True:
             values.append(optax.MaskedNode())
-        elif param_dict is not None and leaf.name in param_dict:
-            values.append(param_dict[leaf.name].peek())
+        elif given is not None or (param_dict is not None and leaf.name in param_dict):
+            # Fresh state is built on these: newly trainable, anchored leaves take them as w₀.
+            values.append(value_now(leaf, param_dict, given))
         else:
             values.append(jnp.zeros(leaf.shape, dtype))
     new_spec = replace(spec, frozen=frozen, labels=labels)
@@ -248,6 +258,7 @@ def refresh_state(
     param_dict: Any,
     overrides: Mapping[str, Mapping] | None = None,
     saved: Mapping[str, Any] | None = None,
+    values: Mapping[str, Any] | None = None,
 ) -> Any:
     """The engine of `refresh`, with the Trainer's own override dicts and warning record.
 
@@ -257,6 +268,8 @@ def refresh_state(
       overrides: `{"lr_mult": {...}, "wd_mult": {...}}` replacing the transformations' own.
       saved: a checkpoint's `structure`: the state is rebuilt with the saved state's layer
         groups and cohorts, with fresh values for the caller to fill from the checkpoint.
+      values: `{leaf path: array}`: the values being trained, for newly anchored (and newly
+        trainable) leaves; None: the Parameters' values.
 
     An override that a Parameter's setting shadows since is warned about once per setting.
     """
@@ -264,7 +277,7 @@ def refresh_state(
     def visit(path, node):
         if isinstance(node, TrainableState):
             record = None if saved is None else saved.get(jax.tree_util.keystr(path))
-            node = _restructure(node, param_dict, record)
+            node = _restructure(node, param_dict, record, values)
             inner = (*path, jax.tree_util.GetAttrKey("inner"))
             return TrainableState(
                 jax.tree_util.tree_map_with_path(
@@ -275,6 +288,8 @@ def refresh_state(
         if isinstance(node, MultState):
             ovr = None if overrides is None else overrides.get(node.spec.attr, {})
             return node.refreshed(param_dict, ovr)
+        if isinstance(node, AnchorState):
+            return node.refreshed(param_dict, values)
         return node
 
     return jax.tree_util.tree_map_with_path(visit, opt_state, is_leaf=_is_node)
@@ -282,29 +297,40 @@ def refresh_state(
 
 def bound_param_dict(opt_state: Any) -> Mapping[str, Any] | None:
     """The ParamDict the state's nodes are bound to (the first one found), or None."""
-    for kind in (TrainableState, MultState):
+    for kind in (TrainableState, MultState, AnchorState):
         for _, node in find(opt_state, kind):
             if node.spec.binding is not None and node.spec.binding.param_dict is not None:
                 return node.spec.binding.param_dict
     return None
 
 
-def refresh(opt_state: Any, param_dict: Mapping[str, Any] | None = None) -> Any:
-    """The same optimizer state with `param_dict`'s current multipliers and frozen set.
+def refresh(
+    opt_state: Any, param_dict: Mapping[str, Any] | None = None, *, params: Any = None
+) -> Any:
+    """The same optimizer state with `param_dict`'s current multipliers, frozen and anchored sets.
 
     Call it between steps after `setattr`: the new state has the same structure (so a jitted
     update does not recompile) unless the frozen set changed, in which case it has the new
     structure, the state of every leaf that stays trainable is carried over, and newly trainable
-    leaves get fresh state (with their own step count, under the ready chains).
+    leaves get fresh state (with their own step count, under the ready chains). Likewise for the
+    parameters decayed toward w₀ (`decay_to_init`): w₀ of those that stay anchored is kept, a
+    newly anchored one takes its value now.
 
     Args:
       opt_state: a state made by lrmult's transformations (anywhere inside an optax chain,
         `inject_hyperparams`, ...).
       param_dict: the ParamDict to read; defaults to the one the transformations were built
         with (a state built from a ParamDict stays bound to it).
+      params: the tree being trained (the one passed to `update`), whose values newly anchored
+        parameters take as w₀. Without it they take their Parameters' values, which at the
+        optax level are those the ParamDict was built with unless you `set_data`.
 
     Returns:
       The new state; `opt_state` itself is not modified. Unchanged multipliers keep their arrays.
+
+    Example:
+      >>> params_dict["backbone/kernel"].decay_to_init = True
+      >>> opt_state = lrmult.refresh(opt_state, params_dict, params=params)
     """
     if param_dict is None:
         param_dict = bound_param_dict(opt_state)
@@ -314,4 +340,20 @@ def refresh(opt_state: Any, param_dict: Mapping[str, Any] | None = None) -> Any:
             "track=False); pass the one to read: refresh(opt_state, param_dict)"
         )
     check_param_dict(param_dict, "refresh")
-    return refresh_state(opt_state, param_dict)
+    return refresh_state(opt_state, param_dict, values=_values(params, param_dict))
+
+
+def _values(params: Any, param_dict: Mapping[str, Any]) -> dict[str, Any] | None:
+    """`{path name: array}` of a params tree, each checked against its Parameter if it has one."""
+    if params is None:
+        return None
+    params = flax_trees.unbox_variables(params, is_masked)
+    flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_masked)[0]
+    out = {path_name(path): x for path, x in flat if not is_masked(x)}
+    for name, x in out.items():
+        if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+            raise TypeError(f"refresh: params leaf {name!r} is a {type(x).__name__}, not an array")
+        param = param_dict.get(name) if hasattr(param_dict, "get") else None
+        if param is not None:
+            param.check_like(x, f"refresh: params leaf {name!r}")
+    return out

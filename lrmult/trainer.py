@@ -23,22 +23,22 @@ from lrmult.optimizers import OPTIMIZERS, check_hyperparameter, check_learning_r
 from lrmult.paramdict import ParamDict
 from lrmult.parameter import ChangeLog, Outputs, Parameter
 from lrmult.resync import by_path, carry_over, host_value, refresh_state, structure
-from lrmult.transforms import MultState, place_like, zero_frozen_layers
+from lrmult.transforms import AnchorState, MultState, place_like, zero_frozen_layers
 
 _FROZEN = optax.MaskedNode()
 _TRAINER_FORMAT = "lrmult-trainer-1"
 
 
 def _is_mult(x: Any) -> bool:
-    return isinstance(x, MultState)
+    return isinstance(x, (MultState, AnchorState))
 
 
-def _split_state(state: Any) -> tuple[Any, list[Any], tuple[MultState, ...]]:
-    """`(outer treedef, items with None where a MultState stands, the MultStates)`.
+def _split_state(state: Any) -> tuple[Any, list[Any], tuple[MultState | AnchorState, ...]]:
+    """`(outer treedef, items with None where a read-only node stands, those nodes)`.
 
-    The multipliers are read-only inside the step: passing them apart (not donated, not
-    returned) spares the step one output array per leaf and multiplier kind, whose creation
-    and release cost ~1 us each.
+    The multipliers and the anchors (w₀ of `decay_to_init`) are read-only inside the step:
+    passing them apart (not donated, not returned) spares the step one output array per leaf
+    and multiplier kind (and per anchored leaf), whose creation and release cost ~1 us each.
     """
     items, outer = jax.tree.flatten(state, is_leaf=_is_mult)
     return outer, [None if _is_mult(x) else x for x in items], tuple(filter(_is_mult, items))

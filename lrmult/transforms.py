@@ -598,41 +598,293 @@ def add_decayed_weights(
 ) -> optax.GradientTransformation:
     """Add `weight_decay * wd_mult * param` to each leaf's update (optax's, per leaf).
 
+    A leaf whose Parameter has `decay_to_init` is decayed toward its value when the state was
+    built, w₀, instead of toward zero: `weight_decay * wd_mult * (param - w₀)` (L2-SP). The state
+    keeps w₀ for those leaves only (`AnchorState`). Which leaves are anchored is the state's
+    structure, as the frozen set is: after changing `decay_to_init`, call `lrmult.refresh` (an
+    update raises until then, naming the parameter); the Trainer does it itself.
+
     Args:
       weight_decay: the base rate λ: a number, or a schedule step -> rate (evaluated, as the
         `wd_mult` schedules, at this transformation's step count).
-      param_dict: a ParamDict whose Parameters' `wd_mult` come first in the lookup chain.
+      param_dict: a ParamDict whose Parameters' `wd_mult` come first in the lookup chain, and
+        whose `decay_to_init` chooses the leaves decayed toward w₀.
       wd_mult: override dict, parameter index or name -> multiplier (a number or schedule).
       idx2name: index -> name, for trees whose path names are not the parameter names.
       track: keep the state in step with `param_dict` (see `scale_by_lr_mult`).
 
     Returns:
-      An `optax.GradientTransformation` with state `(MultState, ClockState)`; frozen leaves get
-      no decay.
+      An `optax.GradientTransformation`; frozen leaves get no decay. Its state is
+      `(MultState, ClockState)`, then the `AnchorState` when there is a `param_dict`.
     """
     check_weight_decay(weight_decay, "add_decayed_weights")
     mult_init = _multiplier_init(
         "wd_mult", param_dict, wd_mult, idx2name, "add_decayed_weights", track, weight_decay
     )
     scheduled = callable(weight_decay)
+    anchor_init = None
+    if param_dict is not None:
+        anchor_init = _anchor_init(param_dict, lookup.check_idx2name(idx2name), track)
 
     def init(params):
-        return mult_init(params), _clock()
+        out = (mult_init(params), _clock())
+        return out if anchor_init is None else (*out, anchor_init(params))
 
     def update_fn(updates, state, params=None):
         if params is None:
             raise ValueError("add_decayed_weights needs params: call update(grads, state, params)")
-        mults, clock = state
+        mults, clock = state[0], state[1]
+        anchors = state[2] if anchor_init is not None else None
         rate = weight_decay(clock.count) if scheduled else weight_decay
+        toward = params if anchors is None else anchors.pulled(params)  # w - w₀ where anchored
         live = mults.live()
         t = clock.count.astype(jnp.float32)
         decayed = _scaled(
-            live.spec, live.values, t, params, lambda p, d: (rate * _per_slice(d, p)) * p
+            live.spec, live.values, t, toward, lambda p, d: (rate * _per_slice(d, p)) * p
         )
         out = jax.tree.map(lambda u, dp: (u + dp).astype(u.dtype), updates, decayed)
-        return out, (mults, ClockState(optax.safe_increment(clock.count)))
+        return out, (mults, ClockState(optax.safe_increment(clock.count)), *state[2:])
 
     return optax.GradientTransformation(init, update_fn)
+
+
+# -- decay toward w₀ (L2-SP) -----------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class AnchorSpec:
+    """Static data of an `AnchorState`: which positions keep w₀, and how to anchor others later.
+
+    Attributes:
+      anchored: whether each params position keeps its w₀: its Parameter has `decay_to_init`,
+        and the position is not frozen.
+      present: whether each position holds an array (False where `init` saw a MaskedNode: a
+        frozen leaf, which keeps nothing; a new frozen set builds the state anew).
+      rows: `(rows, total)` for a position that is a group of layers of a stacked leaf, None for
+        a whole leaf.
+      dtypes: each position's dtype name ('' where absent).
+      leaves: the leaves of the tree given to `init`.
+      binding: the live link to the ParamDict the state tracks, or None.
+    """
+
+    anchored: tuple[bool, ...]
+    present: tuple[bool, ...]
+    rows: tuple[tuple[tuple[int, ...], int] | None, ...]
+    dtypes: tuple[str, ...]
+    leaves: tuple[Leaf, ...]
+    binding: Binding | None = None
+
+    def wanted(self, param_dict: Mapping[str, Any] | None) -> tuple[bool, ...]:
+        """The positions `param_dict` says to anchor now."""
+        flags = lookup.anchored_mask(list(self.leaves), param_dict)
+        return tuple(p and f for p, f in zip(self.present, flags, strict=True))
+
+    def anchored_now(self) -> tuple[bool, ...]:
+        """The anchored set the ParamDict says now (the one the state was built for if unbound)."""
+        if self.binding is None:
+            return self.anchored
+        return self.binding.current(self.wanted, self.anchored)
+
+    def check_fresh(self) -> None:
+        """Raise, naming the first changed parameter, if the anchored set changed since.
+
+        Anchoring a parameter adds its w₀ to the state, changing the state's structure, which a
+        jitted step cannot do by itself; the fix is one call between steps.
+        """
+        now = self.anchored_now()
+        if now == self.anchored:
+            return
+        leaf, was = next(
+            (lf, a) for lf, a, n in zip(self.leaves, self.anchored, now, strict=True) if a != n
+        )
+        raise ValueError(
+            f"parameter {leaf.name!r} had decay_to_init={was} when this optimizer state was "
+            f"built and has decay_to_init={not was} now: the state keeps w₀ only for parameters "
+            f"decayed toward it, so its structure must change, and nothing was updated. Call "
+            f"opt_state = lrmult.refresh(opt_state, param_dict, params=params) (nnx.Optimizer: "
+            f"lrmult.refresh_optimizer(optimizer, param_dict, params=nnx.state(model, nnx.Param)))"
+            f" before the next update; a newly anchored parameter takes its value then as w₀"
+        )
+
+
+class AnchorState:
+    """The w₀ of every anchored position (`decay_to_init`); MaskedNode everywhere else.
+
+    Only anchored parameters cost memory: one copy of their value, in their dtype and placement.
+    """
+
+    __slots__ = ("anchors", "spec")
+
+    def __init__(self, anchors: Any, spec: AnchorSpec) -> None:
+        self.anchors = anchors
+        self.spec = spec
+
+    def pulled(self, params: Any) -> Any:
+        """`params` with w₀ subtracted where anchored, so that the decay pulls toward w₀.
+
+        Raises:
+          ValueError: the anchored set changed since the state was built (`check_fresh`), or
+            `params` does not have the state's positions.
+        """
+        self.spec.check_fresh()
+        flat, treedef = flatten(params)
+        marks = flatten(self.anchors)[0]
+        if len(flat) != len(marks):
+            raise ValueError(
+                f"add_decayed_weights: params has {len(flat)} leaves, the state was built for "
+                f"{len(marks)}"
+            )
+        out = []
+        for p, a in zip(flat, marks, strict=True):
+            if is_masked(a) or is_masked(p):
+                out.append(p)
+            elif isinstance(p, Rows):
+                out.append(Rows((p.value - a.value).astype(p.value.dtype), p.rows, p.total))
+            else:
+                out.append((p - a).astype(p.dtype))
+        return treedef.unflatten(out)
+
+    def refreshed(
+        self, param_dict: Mapping[str, Any], values: Mapping[str, Any] | None = None
+    ) -> AnchorState:
+        """This node with the anchored set `param_dict` says now.
+
+        Positions that stay anchored keep their w₀, positions no longer anchored drop it, and
+        newly anchored ones take their value now as w₀.
+
+        Args:
+          param_dict: the ParamDict to read.
+          values: `{leaf path: array}`, the values being trained (the optax level); a leaf not
+            in it takes its Parameter's value.
+        """
+        spec = self.spec
+        lookup.check_leaves_named(list(spec.leaves), param_dict, "refresh")
+        now = spec.wanted(param_dict)
+        if now == spec.anchored:
+            return self
+        flat, treedef = flatten(self.anchors)
+        out = []
+        for i, (x, was, new) in enumerate(zip(flat, spec.anchored, now, strict=True)):
+            if not new:
+                out.append(optax.MaskedNode())
+            elif was:
+                out.append(x)
+            else:
+                out.append(_anchor_for(spec, i, param_dict, values))
+        return AnchorState(treedef.unflatten(out), dataclasses.replace(spec, anchored=now))
+
+    def __repr__(self) -> str:
+        return f"AnchorState({sum(self.spec.anchored)} anchored of {len(self.spec.anchored)})"
+
+
+def _flatten_anchors(s: AnchorState, with_keys: bool) -> tuple:
+    """Children and aux of an AnchorState.
+
+    An anchored set changed since makes the aux differ, so a jitted step retraces and its update
+    raises (`AnchorSpec.check_fresh`).
+    """
+    now = s.spec.anchored_now()
+    aux = s.spec if now == s.spec.anchored else (s.spec, now)
+    child = (jax.tree_util.GetAttrKey("anchors"), s.anchors) if with_keys else s.anchors
+    return (child,), aux
+
+
+jax.tree_util.register_pytree_with_keys(
+    AnchorState,
+    lambda s: _flatten_anchors(s, True),
+    lambda aux, children: AnchorState(children[0], aux if isinstance(aux, AnchorSpec) else aux[0]),
+    flatten_func=lambda s: _flatten_anchors(s, False),
+)
+
+
+def _copied(x: Any) -> Any:
+    """A position's value as a w₀ of its own (a Trainer donates the parameter's buffer)."""
+    if isinstance(x, Rows):
+        return Rows(jnp.array(x.value, copy=True), x.rows, x.total)
+    return jnp.array(x, copy=True)
+
+
+def value_now(leaf: Leaf, param_dict: Mapping[str, Any], values: Mapping[str, Any] | None) -> Any:
+    """A leaf's value now: `values[leaf.path]` when values are given, else its Parameter's.
+
+    Raises:
+      KeyError: `values` has no such leaf.
+    """
+    if values is None:
+        return param_dict[leaf.name].peek()
+    if leaf.path not in values:
+        raise KeyError(
+            f"refresh: params has no leaf {leaf.path!r} (parameter {leaf.name!r}); pass the whole "
+            f"tree the optimizer state steps"
+        )
+    return values[leaf.path]
+
+
+def _anchor_for(
+    spec: AnchorSpec, i: int, param_dict: Mapping[str, Any], values: Mapping[str, Any] | None
+) -> Any:
+    """w₀ for position `i` of `spec`, taken from its value now.
+
+    Args:
+      spec: the state's spec.
+      i: the position.
+      param_dict: where a leaf's Parameter gives its value.
+      values: `{leaf path: array}` given instead (the values being trained), or None.
+
+    Raises:
+      ValueError: the value's shape or dtype is not the parameter's, naming it.
+    """
+    leaf, rows, dtype = spec.leaves[i], spec.rows[i], spec.dtypes[i]
+    value = value_now(leaf, param_dict, values)
+    got = tuple(np.shape(value))
+    # A group's rows are of the stacked axes flattened: (layers, *one layer's shape).
+    shape = tuple(leaf.shape) if rows is None else (rows[1], *leaf.shape[1:])
+    fits = got == shape if rows is None else np.prod(got) == np.prod(shape)
+    if not fits or (rows is not None and got[len(got) - len(shape) + 1 :] != shape[1:]):
+        raise ValueError(
+            f"refresh: parameter {leaf.name!r} has shape {got}, but the state was built for "
+            f"{shape if rows is None else f'{rows[1]} layers of shape {shape[1:]}'}"
+        )
+    if str(jnp.result_type(value)) != dtype:
+        raise ValueError(
+            f"refresh: parameter {leaf.name!r} has dtype {jnp.result_type(value)}, but the state "
+            f"was built for {dtype}"
+        )
+    if rows is None:
+        return _copied(value)
+    layers = jnp.reshape(value, shape)
+    return Rows(layers[np.array(rows[0])], rows[0], rows[1])
+
+
+def _anchor_init(
+    param_dict: Mapping[str, Any], idx2name: Mapping[int, str] | None, track: bool
+) -> Callable[[Any], AnchorState]:
+    """`init` of the anchors: w₀ a copy of the params given, where `decay_to_init` says.
+
+    Built from the params given alone, so `jax.eval_shape(init)` and `jax.jit(init)` work; under
+    `jax.jit`, w₀ is the value passed in.
+    """
+    bind = binder(param_dict, track)
+
+    def init(params: Any) -> AnchorState:
+        params = flax_trees.unbox_variables(params, is_masked)
+        leaves = tuple(lookup.leaves_of(params, param_dict, idx2name))
+        flat, treedef = flatten(params)
+        present = tuple(not is_masked(x) for x in flat)
+        rows = tuple((tuple(x.rows), x.total) if isinstance(x, Rows) else None for x in flat)
+        dtypes = tuple(
+            "" if is_masked(x) else str(jnp.result_type(x.value if isinstance(x, Rows) else x))
+            for x in flat
+        )
+        spec = AnchorSpec((), present, rows, dtypes, leaves, bind(leaves))
+        spec = dataclasses.replace(spec, anchored=spec.wanted(param_dict))
+        anchors = [
+            _copied(x) if a else optax.MaskedNode()
+            for x, a in zip(flat, spec.anchored, strict=True)
+        ]
+        return AnchorState(treedef.unflatten(anchors), spec)
+
+    return init
 
 
 # -- per-leaf step counts --------------------------------------------------------------------------

@@ -93,6 +93,7 @@ class World:
         pd["emb"].frozen = True  # link 1, frozen
         pd["enc/W"].lr_mult = 0.5  # link 1
         pd.select(".*/b$").setattr("wd_mult", 0.0)  # link 1 on enc/b and head/b
+        pd["enc/W"].decay_to_init = True  # w0 kept in both optimizer states
         self.pd = pd
         self.trainer = Trainer(
             pd,
@@ -138,7 +139,10 @@ def snapshot(w: World) -> dict[str, Any]:
         "names": (tuple(w.pd), tuple(w.trainer.params)),
         "values": {n: _bits(p.data()) for n, p in w.pd.items()},
         "metadata": {
-            n: tuple((a, p.is_set(a), getattr(p, a)) for a in ("lr_mult", "wd_mult", "frozen"))
+            n: tuple(
+                (a, p.is_set(a), getattr(p, a))
+                for a in ("lr_mult", "wd_mult", "frozen", "decay_to_init")
+            )
             for n, p in w.pd.items()
         },
         "explain": tuple(w.trainer.explain()),
@@ -384,6 +388,20 @@ CASES = [
         ValueError,
         r"'enc/b'.*\(4,\)",
     ),
+    case(
+        "P23-decay_to_init-int",
+        lambda w: assign(w.pd["head/W"], "decay_to_init", 1),
+        ValueError,
+        r"'head/W'.*decay_to_init",
+        r"True or False",
+    ),
+    case(
+        "P24-decay_to_init-per-layer-array",
+        lambda w: assign(w.pd["head/W"], "decay_to_init", np.array([True, False, True, False])),
+        ValueError,
+        r"'head/W'.*decay_to_init",
+        r"whole parameter",
+    ),
     # -- ParamDict ------------------------------------------------------------------------------
     case("D01-select-empty", lambda w: w.pd.select(""), ValueError, r"empty", r"'\.\*'"),
     case(
@@ -504,6 +522,20 @@ CASES = [
         KeyError,
         r"'head/bias'",
         r"did you mean 'head/b'",
+    ),
+    case(
+        "D20-setattr-decay_to_init-str",
+        lambda w: w.pd.setattr("decay_to_init", "yes"),
+        ValueError,
+        r"decay_to_init",
+        r"True or False",
+    ),
+    case(
+        "D21-preset-decay_to_init-excludes-everything",
+        lambda w: lrmult.presets.decay_to_init(w.pd, exclude=".*"),
+        ValueError,
+        r"exclude '\.\*'",
+        r"'head/'",
     ),
     # -- the lookup chain: Trainer override dicts ------------------------------------------------
     case(
@@ -722,6 +754,13 @@ CASES = [
         r"enc/b",
         defect="a (1,) gradient for a (4,) leaf broadcasts silently (as in plain optax)",
         raises=SILENT,
+    ),
+    case(
+        "O19-refresh-params-wrong-shape",
+        lambda w: lrmult.refresh(w.ostate, w.pd, params=tree_with("enc/W", jnp.ones((2, 2)))),
+        ValueError,
+        r"'enc/W'",
+        r"shape \(3, 4\)",
     ),
     # -- Trainer construction -------------------------------------------------------------------
     case(

@@ -77,3 +77,15 @@ def test_the_mup_snippet_runs():
     rows = {r.name: r for r in env["trainer"].explain()}
     assert rows["Dense_1/kernel"].lr_mult == 1 / 16 and rows["Dense_1/kernel"].wd_mult == 16
     assert rows["Dense_0/kernel"].lr_source == rows["Dense_2/kernel"].lr_source == "default"
+
+
+def test_the_l2sp_snippet_runs():
+    import lrmult
+
+    env = {**_world(), "lrmult": lrmult}
+    exec(block_after("### Decay toward the pretrained weights"), env)
+    rows = {r.name: r for r in env["trainer"].explain()}
+    assert rows["Dense_0/kernel"].decay_to_init and not rows["Dense_1/bias"].decay_to_init
+    assert rows["Dense_0/kernel"].decay_to_init_source == "preset:decay_to_init"
+    anchors = lrmult.resync.find(env["state"], lrmult.transforms.AnchorState)[0][1]
+    assert sum(anchors.spec.anchored) == 5  # all but the head's bias: its kernel since refresh
