@@ -186,6 +186,22 @@ def interleave(
     return out
 
 
+def first_calls(build: Mapping[str, Callable[[], Any]], rounds: int) -> dict[str, list[float]]:
+    """Seconds of each variant's first call (trace + compile + run) after `jax.clear_caches()`.
+
+    `build[k]()` makes a new runner (not timed); variants take turns, rotated each round.
+    """
+    names, out = list(build), {k: [] for k in build}
+    for r in range(rounds):
+        for k in names[r % len(names) :] + names[: r % len(names)]:
+            jax.clear_caches()
+            runner = build[k]()
+            t0 = time.perf_counter()
+            jax.block_until_ready(runner())
+            out[k].append(time.perf_counter() - t0)
+    return out
+
+
 def ratio(a: Sequence[float], b: Sequence[float], digits: int = 3) -> list[str]:
     """Cells `med` (paired: median over rounds of a / b) and `min` (min(a) / min(b))."""
     a, b = np.asarray(a, float), np.asarray(b, float)

@@ -10,7 +10,6 @@ timed), its first step (trace + compile + run). Hand-jitted donating steps but t
 from __future__ import annotations
 
 import sys
-import time
 
 import harness as h
 import jax
@@ -51,14 +50,7 @@ def run(quick: bool) -> h.Report:
         model = h.MLP(leaves // 2, 32, 16)
         build = builders(model.init(), model.batch_data())
         t = h.interleave({k: b() for k, b in build.items()}, rounds, 0.01 if quick else 0.04)
-        first = {k: [] for k in build}
-        for r in range(first_rounds):
-            for k in list(build)[r % 4 :] + list(build)[: r % 4]:
-                jax.clear_caches()
-                runner = build[k]()
-                t0 = time.perf_counter()
-                jax.block_until_ready(runner())
-                first[k].append(time.perf_counter() - t0)
+        first = h.first_calls(build, first_rounds)
         for k in build:
             rows.append([leaves, k, h.fmt_time(h.median(t[k])), *h.ratio(t[k], t["optax"], 2)])
             rows[-1] += [*h.ratio(t["optax.partition"], t[k], 1), h.fmt_time(h.median(first[k]))]

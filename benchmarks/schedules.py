@@ -10,10 +10,8 @@ call: `jax.clear_caches()`, a new runner, its first step (trace + compile + run)
 from __future__ import annotations
 
 import sys
-import time
 
 import harness as h
-import jax
 
 import lrmult
 from lrmult import schedules
@@ -51,14 +49,7 @@ def run(quick: bool) -> h.Report:
     runners = {k: b() for k, b in build.items()}
     runners["A/A"] = runners["chain constant"].twin()
     t = h.interleave(runners, rounds, 0.01 if quick else 0.04)
-    first = {k: [] for k in build}
-    for r in range(first_rounds):
-        for k in list(build)[r % 4 :] + list(build)[: r % 4]:
-            jax.clear_caches()
-            runner = build[k]()
-            t0 = time.perf_counter()
-            jax.block_until_ready(runner())
-            first[k].append(time.perf_counter() - t0)
+    first = h.first_calls(build, first_rounds)
     pairs = [
         ("A/A", "chain constant", None),
         ("chain warmup", "chain constant", "chain"),

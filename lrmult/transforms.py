@@ -58,6 +58,36 @@ def place_like(value: Any, like: Any, dtype: Any = np.float32) -> jax.Array:
     return jax.device_put(np.asarray(value, dtype), sharding)
 
 
+def register_structural(
+    cls: type, child: str, spec_type: type, now: Callable[[Any], Any], built: Callable[[Any], Any]
+) -> None:
+    """Register a state node whose structure a ParamDict setting decides (frozen, anchored set).
+
+    Its aux is its spec; a setting changed since (`now(spec) != built(spec)`) makes the aux
+    differ, so a jitted step retraces and the update raises (the spec's `check_fresh`).
+
+    Args:
+      cls: the node class, built as `cls(child_value, spec)`.
+      child: the attribute holding the node's arrays.
+      spec_type: the spec's class.
+      now: the setting as the ParamDict says now.
+      built: the setting the node was built for.
+    """
+
+    def flat(s: Any, with_keys: bool) -> tuple:
+        current = now(s.spec)
+        aux = s.spec if current == built(s.spec) else (s.spec, current)
+        value = getattr(s, child)
+        return ((jax.tree_util.GetAttrKey(child), value) if with_keys else value,), aux
+
+    jax.tree_util.register_pytree_with_keys(
+        cls,
+        lambda s: flat(s, True),
+        lambda aux, children: cls(children[0], aux if isinstance(aux, spec_type) else aux[0]),
+        flatten_func=lambda s: flat(s, False),
+    )
+
+
 # -- multipliers -----------------------------------------------------------------------------------
 
 
@@ -777,23 +807,8 @@ class AnchorState:
         return f"AnchorState({sum(self.spec.anchored)} anchored of {len(self.spec.anchored)})"
 
 
-def _flatten_anchors(s: AnchorState, with_keys: bool) -> tuple:
-    """Children and aux of an AnchorState.
-
-    An anchored set changed since makes the aux differ, so a jitted step retraces and its update
-    raises (`AnchorSpec.check_fresh`).
-    """
-    now = s.spec.anchored_now()
-    aux = s.spec if now == s.spec.anchored else (s.spec, now)
-    child = (jax.tree_util.GetAttrKey("anchors"), s.anchors) if with_keys else s.anchors
-    return (child,), aux
-
-
-jax.tree_util.register_pytree_with_keys(
-    AnchorState,
-    lambda s: _flatten_anchors(s, True),
-    lambda aux, children: AnchorState(children[0], aux if isinstance(aux, AnchorSpec) else aux[0]),
-    flatten_func=lambda s: _flatten_anchors(s, False),
+register_structural(
+    AnchorState, "anchors", AnchorSpec, lambda spec: spec.anchored_now(), lambda spec: spec.anchored
 )
 
 
@@ -1180,23 +1195,8 @@ class TrainableState:
         return f"TrainableState(frozen={frozen}, inner={self.inner!r})"
 
 
-def _flatten_trainable(s: TrainableState, with_keys: bool) -> tuple:
-    """Children and aux of a TrainableState.
-
-    A frozen set changed since makes the aux differ, so a jitted step retraces and its update
-    raises (`MaskSpec.check_fresh`).
-    """
-    now = s.spec.frozen_now()
-    aux = s.spec if now == s.spec.frozen else (s.spec, now)
-    child = (jax.tree_util.GetAttrKey("inner"), s.inner) if with_keys else s.inner
-    return (child,), aux
-
-
-jax.tree_util.register_pytree_with_keys(
-    TrainableState,
-    lambda s: _flatten_trainable(s, True),
-    lambda aux, children: TrainableState(children[0], aux if isinstance(aux, MaskSpec) else aux[0]),
-    flatten_func=lambda s: _flatten_trainable(s, False),
+register_structural(
+    TrainableState, "inner", MaskSpec, lambda spec: spec.frozen_now(), lambda spec: spec.frozen
 )
 
 
