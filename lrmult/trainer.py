@@ -529,6 +529,9 @@ class Trainer:
             self._check_trainable_dtypes()
             state = self._refreshed()
             self._opt_state = carry_over(arrays, state)
+            # The multipliers saved in the state may predate a change made before the save: the
+            # restored Parameters are the truth (same structure: nothing recompiles).
+            self._opt_state = self._refreshed()
         except BaseException:
             for n, raw in before.items():
                 params[n].restore_metadata(raw)
