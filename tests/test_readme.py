@@ -77,3 +77,14 @@ def test_the_mup_snippet_runs():
     rows = {r.name: r for r in env["trainer"].explain()}
     assert rows["Dense_1/kernel"].lr_mult == 1 / 16 and rows["Dense_1/kernel"].wd_mult == 16
     assert rows["Dense_0/kernel"].lr_source == rows["Dense_2/kernel"].lr_source == "default"
+
+
+def test_the_gradual_unfreezing_snippet_runs(capsys):
+    import lrmult
+
+    env = {**_world(), "lrmult": lrmult}
+    exec(block_after("### Gradual unfreezing"), env)
+    params, trainer = env["params"], env["trainer"]
+    assert trainer.num_update == 150 and not any(p.frozen for p in params.values())
+    assert params["Dense_0/kernel"].lr_mult == 0.5  # the ramps are over: decay's value back
+    assert "ramp" not in capsys.readouterr().out.split("gradual unfreezing")[1]
