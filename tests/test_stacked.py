@@ -320,7 +320,8 @@ for spec in (P("layer", None, "model"), P(None, None, "model")):
     mults = [m for _, m in lrmult.resync.find(state, lrmult.transforms.MultState)]
     np.testing.assert_array_equal(mults[-1].tree(tree)["layers"]["k"], [0.0, 0.5, 1.0, 2.0])
     (block,) = mults[-1].values  # one block, holding the stack's vector of 4
-    assert block.shape == (lrmult.transforms.BLOCK,) and block.sharding.is_equivalent_to(NamedSharding(mesh, P()), 1)
+    assert block.shape == (lrmult.transforms.BLOCK,)
+    assert block.sharding.is_equivalent_to(NamedSharding(mesh, P()), 1)
 print("OK")
 """
 
