@@ -10,7 +10,9 @@ and no weight decay on biases (`lrmult.presets.no_decay`):
 - frozen backbone: only the new head trains (`lrmult.presets.linear_probe`);
 - LLRD + gradual unfreezing: layer-wise learning-rate decay (`lrmult.presets.layerwise_lr_decay`,
   `lr_mult = decay ** (num_layers - layer_id)`), with the head trained alone first and one more
-  layer unfrozen, top down, every quarter of the steps (ULMFiT's gradual unfreezing).
+  layer unfrozen, top down, every quarter of the steps, its `lr_mult` ramping up over a fifth of
+  a stage (ULMFiT's gradual unfreezing: `lrmult.presets.gradual_unfreezing`, a plan the trainer
+  carries out by itself: the training loop is the same for all three).
 
 `lrmult.NNXTrainer` drives the NNX module (split, merge and the jitted step are lrmult's). The
 script prints `explain()` before each fine-tuning, a table of held-out accuracy, step time and
@@ -40,7 +42,7 @@ from lrmult import presets
 PNG = Path(__file__).with_suffix(".png")
 STRATEGIES = ("all at 1x", "frozen backbone", "LLRD + gradual unfreezing")
 DECAY = 0.5
-# Gradual unfreezing, top down: after the head alone, these are unfrozen one at a time.
+# Gradual unfreezing, top down: the head first, then these one at a time.
 UNFREEZE = ("layers/1/", "layers/0/", "embed/")
 OPTIMIZER = ("adamw", {"learning_rate": 3e-3, "wd": 1e-2})
 
@@ -106,13 +108,15 @@ def opt_state_bytes(trainer: lrmult.Trainer) -> int:
     return sum(x.nbytes for x in jax.tree.leaves(trainer.opt_state) if hasattr(x, "nbytes"))
 
 
-def configure(strategy: str, params: lrmult.ParamDict) -> None:
+def configure(strategy: str, params: lrmult.ParamDict, steps: int) -> None:
     presets.no_decay(params)
     if strategy == "frozen backbone":
         presets.linear_probe(params, "head/")
     elif strategy == "LLRD + gradual unfreezing":
         presets.layerwise_lr_decay(params, DECAY)  # embed 0, layers/i i + 1, head 3
-        presets.linear_probe(params, "head/")
+        stage = max(1, steps // (len(UNFREEZE) + 1))
+        # The head now, then one more layer every `stage` steps, each ramping up its lr_mult.
+        presets.gradual_unfreezing(params, ["head/", *UNFREEZE], every=stage, warmup=stage // 5)
 
 
 def finetune(strategy, pretrained, data, steps, seed, eval_every, advance, console):
@@ -121,18 +125,13 @@ def finetune(strategy, pretrained, data, steps, seed, eval_every, advance, conso
     model = nnx.clone(pretrained)
     model.head = nnx.Linear(128, 5, rngs=nnx.Rngs(1000 + seed))  # a new head for the new task
     params = lrmult.ParamDict.from_nnx(model, filter=nnx.Param)
-    configure(strategy, params)
+    configure(strategy, params, steps)
     trainer = lrmult.NNXTrainer(model, params, *OPTIMIZER)
     if console is not None:
         console.rule(f"{strategy}: trainer.explain()")
         console.print(str(trainer.explain()), markup=False, highlight=False, soft_wrap=True)
     losses, times, held_out = [], [], []
-    stage = max(1, steps // (len(UNFREEZE) + 1))
-    for step in range(steps):
-        if strategy == "LLRD + gradual unfreezing" and step and step % stage == 0:
-            k = step // stage
-            if k <= len(UNFREEZE):
-                params.select(UNFREEZE[k - 1]).setattr("frozen", False)
+    for step in range(steps):  # the same loop for every strategy: a plan needs no code here
         start = time.perf_counter()
         loss = float(trainer.train_step(cross_entropy, x, y))  # float(): waits for the step
         times.append(time.perf_counter() - start)
@@ -148,8 +147,14 @@ def finetune(strategy, pretrained, data, steps, seed, eval_every, advance, conso
         "accuracy": accuracy,
         "step_ms": 1e3 * float(np.median(warm)),
         "state_bytes": opt_state_bytes(trainer),
-        "unfreeze_at": [stage * k for k in range(1, len(UNFREEZE) + 1) if stage * k < steps],
+        "unfreeze_at": unfreeze_steps(params, steps),
     }
+
+
+def unfreeze_steps(params: lrmult.ParamDict, steps: int) -> list[int]:
+    """The steps at which a gradual-unfreezing plan unfroze a layer after the head's."""
+    plan = params["head/kernel"].plan
+    return [] if plan is None else [a for a in plan.at[1:] if a < steps]
 
 
 def plot(runs: dict[str, list[dict]], path: Path) -> None:

@@ -22,16 +22,22 @@ class Table:
       rows: the rows, each a `NamedTuple`.
       columns: the fields to show, in order (defaults to every field of the first row).
       title: a caption.
+      appendix: tables shown after this one (not iterated: the rows are this table's only).
     """
 
     def __init__(
-        self, rows: Sequence[Any], columns: Sequence[str] | None = None, title: str = ""
+        self,
+        rows: Sequence[Any],
+        columns: Sequence[str] | None = None,
+        title: str = "",
+        appendix: Sequence[Table] = (),
     ) -> None:
         self._rows = list(rows)
         if columns is None:
             columns = self._rows[0]._fields if self._rows else ()
         self.columns = tuple(columns)
         self.title = title
+        self.appendix = list(appendix)
 
     def __iter__(self) -> Iterator[Any]:
         return iter(self._rows)
@@ -54,7 +60,7 @@ class Table:
         lines.append("  ".join(c.ljust(w) for c, w in zip(self.columns, widths, strict=True)))
         lines.append("  ".join("-" * w for w in widths))
         lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in cells]
-        return "\n".join(line.rstrip() for line in lines)
+        return "\n\n".join(["\n".join(line.rstrip() for line in lines), *map(str, self.appendix)])
 
     def __repr__(self) -> str:
         return str(self)
@@ -68,5 +74,5 @@ class Table:
         caption = f"<caption>{html.escape(self.title)}</caption>" if self.title else ""
         return (
             f'<table class="lrmult-table">{caption}<thead><tr>{head}</tr></thead>'
-            f"<tbody>{body}</tbody></table>"
+            f"<tbody>{body}</tbody></table>" + "".join(t._repr_html_() for t in self.appendix)
         )

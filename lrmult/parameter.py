@@ -52,13 +52,16 @@ class ChangeLog:
     Attributes:
       metadata: names of the watched Parameters whose lr_mult / wd_mult / frozen changed.
       values: names of the watched Parameters whose value was replaced or handed out.
+      steps: how many steps the owner has taken (a plan attached to the Parameters must not
+        schedule anything before it: `presets.gradual_unfreezing` reads it).
     """
 
-    __slots__ = ("metadata", "values", "__weakref__")
+    __slots__ = ("metadata", "values", "steps", "__weakref__")
 
     def __init__(self) -> None:
         self.metadata: set[str] = set()
         self.values: set[str] = set()
+        self.steps = 0
 
     def clear(self) -> None:
         """Forget what changed (the owner has taken it in)."""
@@ -289,6 +292,7 @@ class Parameter:
         "_reported",
         "_stacked",
         "_stack_at",
+        "_plan",
     )
 
     def __init__(
@@ -329,6 +333,7 @@ class Parameter:
         self._reported: set[tuple[str, Any]] = set()
         self._stacked = 0  # leading axes that are stacked layers: declare_stack
         self._stack_at = 0
+        self._plan: Any = None  # the gradual-unfreezing plan this Parameter follows, if any
 
     # -- value -------------------------------------------------------------------------------
     @property
@@ -471,6 +476,24 @@ class Parameter:
     def watch(self, log: ChangeLog) -> None:
         """Report this Parameter's changes to `log` (held weakly)."""
         self._logs.add(log)
+
+    def watchers(self) -> list[ChangeLog]:
+        """The logs of the owners (Trainers) watching this Parameter."""
+        return list(self._logs)
+
+    # -- plan ---------------------------------------------------------------------------------
+    @property
+    def plan(self) -> Any:
+        """The gradual-unfreezing plan this Parameter follows (`presets.gradual_unfreezing`).
+
+        None when it follows none. The Trainers stepping this Parameter carry the plan out.
+        """
+        return self._plan
+
+    def follow(self, plan: Any) -> None:
+        """Make this Parameter follow `plan` (None: none); its owners see it at their next step."""
+        self._plan = plan
+        self._noted("metadata")
 
     def _noted(self, kind: str) -> None:
         for log in self._logs:

@@ -13,6 +13,8 @@ changing anything, and returns the ParamDict of the Parameters it changed (shari
   practice), or MXNet 1.x's rule (decay only names ending in `weight` / `gamma` / `kernel`).
 - `linear_probe`: freeze everything but the head.
 - `decay_to_init`: weight decay toward the pretrained weights instead of zero (L2-SP).
+- `gradual_unfreezing`: a plan of groups unfreezing at set steps, each with an `lr_mult` ramp
+  (ULMFiT, Lightning's `BackboneFinetuning`), which the Trainers carry out by themselves.
 - `mup`: μP's `lr_mult` / `wd_mult` from a narrow base model's shapes (microsoft/mup's `MuAdam`,
   `MuSGD`).
 
@@ -23,6 +25,7 @@ The one-line recipes need no preset: Gluon's fine-tuning tutorial is
 
 from __future__ import annotations
 
+import gc
 import math
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -35,6 +38,7 @@ from lrmult import flax_trees
 from lrmult._names import path_name, suggest
 from lrmult.paramdict import ParamDict
 from lrmult.parameter import check_multiplier
+from lrmult.plans import Plan
 
 Pattern = str | re.Pattern[str]
 
@@ -393,6 +397,157 @@ def decay_to_init(params: ParamDict, *, exclude: Pattern | None = None) -> Param
     return _subset(params, chosen)
 
 
+def gradual_unfreezing(
+    params: ParamDict,
+    groups: Sequence[Pattern],
+    *,
+    at: Sequence[int] | None = None,
+    every: int | None = None,
+    warmup: int = 0,
+) -> ParamDict:
+    """Unfreeze groups of parameters one after another, each with an `lr_mult` ramp (a plan).
+
+    ULMFiT's gradual unfreezing and Lightning's `BackboneFinetuning`: group `k` (head first) is
+    frozen until step `at[k]` (or `k * every` steps from now), then trains with fresh optimizer
+    state and a step count of its own (Adam's bias correction restarts for it). With
+    `warmup=K`, its `lr_mult` then ramps from 0 to its own value over `K` steps: at step
+    `t >= at[k]` it is that value times `min(1, (t - at[k] + 1) / K)`, so the first step takes
+    `1/K` of it (PyTorch's `LambdaLR` with that lambda, and `requires_grad` switched on at
+    `at[k]`). Steps count from 0: step `t` is the one a Trainer takes when its `num_update` is
+    `t`. The value ramped to is the `lr_mult` the group has through the Trainer's lookup chain
+    when it unfreezes, so presets such as `layerwise_lr_decay` compose, before or after this
+    call.
+
+    The plan is data attached to the Parameters (`params[name].plan`): every `Trainer` and
+    `NNXTrainer` stepping them carries it out by itself, counting its own steps
+    (`trainer.num_update`), with no code in the training loop. Each new frozen set compiles the
+    step once; the ramp changes multipliers only (no recompilation) and costs host work only at
+    the steps where a group unfreezes or ramps. `explain()` and `summary()` show the plan and
+    where the Trainer is in it; `save_states` / `load_states` keep that position. Parameters in
+    no group are left as they are. Right away, groups not due yet are frozen and those due at
+    the next step unfrozen (source `preset:gradual_unfreezing` in `explain()`).
+
+    Args:
+      params: the ParamDict the groups select from.
+      groups: one selection per group, head first: a regex (`re.match`, as in `select`), which
+        may name layers of a stack by their per-layer names (`"layers/11/"`).
+      at: the step at which each group unfreezes, strictly increasing, one per group (usually
+        `at[0] == 0`: the head trains from the start).
+      every: instead of `at`, group `k` unfreezes `k * every` steps after the plan starts: at
+        step `k * every`, or `num_update + k * every` for a Trainer that has taken steps.
+      warmup: the number of steps over which a newly unfrozen group's `lr_mult` ramps up (0 or
+        1: none).
+
+    Returns:
+      The parameters of the plan (sharing them).
+
+    Raises:
+      ValueError: a group matches nothing, two groups match one parameter (or layer), `at` is
+        not strictly increasing or has not one step per group, both or neither of `at` and
+        `every` are given, `every` or `warmup` is not an int in range, a parameter already
+        follows a plan, or a Trainer of these parameters has taken more steps than a group's
+        `at`. Nothing changes then.
+
+    Example:
+      >>> presets.layerwise_lr_decay(params, 0.5)
+      >>> presets.gradual_unfreezing(
+      ...     params, ["head/", "layers/1/", "layers/0/", "embed/"], every=50, warmup=10
+      ... )
+      >>> trainer = lrmult.NNXTrainer(model, params, "adamw", {"learning_rate": 3e-3})
+      >>> for _ in range(200):  # nothing else: the trainer unfreezes and ramps by itself
+      ...     trainer.train_step(loss_fn, x, y)
+    """
+    where = "gradual_unfreezing"
+    _check_params(params, where)
+    if isinstance(groups, str | re.Pattern) or not isinstance(groups, Sequence) or not groups:
+        raise TypeError(
+            f"{where}: groups must be a non-empty list of selections (regexes), head first; "
+            f"got {groups!r}"
+        )
+    steps = _plan_steps(len(groups), at, every)
+    if isinstance(warmup, bool) or not isinstance(warmup, int | np.integer) or warmup < 0:
+        raise ValueError(f"{where}: warmup must be an int >= 0 (steps), got {warmup!r}")
+
+    members: list[tuple[tuple[str, np.ndarray | None], ...]] = []
+    owner: dict[str, int] = {}
+    for k, pattern in enumerate(groups):
+        try:
+            chosen = params.select(pattern)
+        except (ValueError, TypeError) as e:
+            raise type(e)(f"{where}: groups[{k}]: {e}") from None
+        for unit in chosen.units():
+            if unit in owner:
+                raise ValueError(
+                    f"{where}: parameter {unit!r} is matched by groups[{owner[unit]}] "
+                    f"({_show(groups[owner[unit]])}) and groups[{k}] ({_show(pattern)}); a "
+                    f"parameter unfreezes once: make the patterns disjoint (end them with '/')"
+                )
+            owner[unit] = k
+        members.append(tuple((name, chosen.layers_of(name)) for name in chosen))
+    for group in members:
+        for name, _ in group:
+            if params[name].plan is not None:
+                raise ValueError(
+                    f"{where}: parameter {name!r} already follows a gradual-unfreezing plan "
+                    f"({list(params[name].plan.groups)}); one plan per parameter"
+                )
+
+    def steps_taken() -> int:
+        logs = [log for group in members for n, _ in group for log in params[n].watchers()]
+        return max((log.steps for log in logs), default=0)
+
+    taken = steps_taken()
+    if taken:  # a Trainer dropped but not yet collected (jit keeps a cycle) is no owner
+        gc.collect()
+        taken = steps_taken()
+    if every is not None:
+        steps = [taken + a for a in steps]
+    late = [k for k, a in enumerate(steps) if a < taken]
+    if late:
+        k = late[0]
+        raise ValueError(
+            f"{where}: at puts groups[{k}] ({_show(groups[k])}) at step {steps[k]}, but a "
+            f"Trainer of these parameters has taken {taken} steps already (trainer.num_update); "
+            f"plan from step {taken} on (at=[{taken} + a for a in at]), or give every="
+        )
+
+    plan = Plan(tuple(_text(g) for g in groups), tuple(members), tuple(steps), int(warmup))
+    settings = plan.frozen_at(params, taken)  # groups due at the owners' next step: unfrozen
+    for name, setting in settings.items():
+        params[name].put("frozen", setting)
+        params[name].follow(plan)
+    return _subset(params, [n for n in params if n in settings])
+
+
+def _plan_steps(n: int, at: Sequence[int] | None, every: int | None) -> list[int]:
+    """The step of each of `n` groups, from `at` or `every`, validated."""
+    where = "gradual_unfreezing"
+    if (at is None) == (every is None):
+        raise ValueError(
+            f"{where}: give at= (one step per group) or every= (group k at k * every), "
+            f"{'not both' if at is not None else 'one of them'}"
+        )
+    if every is not None:
+        if isinstance(every, bool) or not isinstance(every, int | np.integer) or every < 1:
+            raise ValueError(f"{where}: every must be an int >= 1 (steps), got {every!r}")
+        return [k * int(every) for k in range(n)]
+    if isinstance(at, str) or not isinstance(at, Sequence):
+        raise TypeError(f"{where}: at must be a list of steps, one per group, got {at!r}")
+    if len(at) != n:
+        raise ValueError(f"{where}: at has {len(at)} steps for {n} groups; give one per group")
+    for k, a in enumerate(at):
+        if isinstance(a, bool) or not isinstance(a, int | np.integer) or a < 0:
+            raise ValueError(f"{where}: at[{k}] must be an int >= 0 (a step), got {a!r}")
+    for k in range(1, n):
+        if not at[k] > at[k - 1]:
+            raise ValueError(
+                f"{where}: at must be strictly increasing (groups unfreeze one after another), "
+                f"but at[{k}] = {at[k]} follows at[{k - 1}] = {at[k - 1]}; to unfreeze two "
+                f"selections together, join them in one group ('a/|b/')"
+            )
+    return [int(a) for a in at]
+
+
 # μP: which of mup's rules each optimizer follows. mup's own advice (mup/optim.py): an optimizer
 # that normalises the gradient entrywise (RMSProp, Adagrad) takes MuAdam's, an SGD-like one MuSGD's.
 MUP_RULES: dict[str, str] = {
@@ -688,5 +843,9 @@ def _subset(params: ParamDict, names: list[str]) -> ParamDict:
     return ParamDict({n: params[n] for n in names})
 
 
+def _text(pattern: Pattern) -> str:
+    return pattern.pattern if isinstance(pattern, re.Pattern) else pattern
+
+
 def _show(pattern: Pattern) -> str:
-    return repr(pattern.pattern if isinstance(pattern, re.Pattern) else pattern)
+    return repr(_text(pattern))

@@ -22,6 +22,7 @@ from lrmult.lookup import is_masked
 from lrmult.optimizers import OPTIMIZERS, check_hyperparameter, check_learning_rate, custom
 from lrmult.paramdict import ParamDict
 from lrmult.parameter import ChangeLog, Outputs, Parameter
+from lrmult.plans import Agenda, Plan
 from lrmult.resync import by_path, carry_over, host_value, refresh_state, structure
 from lrmult.transforms import AnchorState, MultState, place_like, zero_frozen_layers
 
@@ -79,6 +80,7 @@ class _Summary(NamedTuple):
     trainable: int
     frozen: int
     overrides: int
+    num_update: int
 
 
 def _known(pairs: list, kept: set[str], strict: bool, layers: dict) -> dict[int | str, float]:
@@ -253,8 +255,12 @@ class Trainer:
             self._tx = optax.inject_hyperparams(make, hyperparam_dtype=jnp.float32)(
                 learning_rate=lr
             )
+        # Gradual-unfreezing plans attached to the Parameters: carried out at step 0 already.
+        self._agenda = Agenda()
+        self._agenda.adopt(self._plist, 0)
+        self._follow_plans()
         self._check_trainable_dtypes()
-        self._opt_state = self._tx.init({n: self._params[n].peek() for n in self._names})
+        self._opt_state = self._init_state()
         self._log.clear()
         self._dirty = False
         self._train_fns: dict[Any, Callable] = {}
@@ -338,6 +344,15 @@ class Trainer:
     def opt_state(self) -> Any:
         """The optimizer state pytree (frozen parameters hold no state in it)."""
         return self._opt_state
+
+    @property
+    def num_update(self) -> int:
+        """How many steps this Trainer has taken (MXNet's `Optimizer.num_update`).
+
+        Gradual-unfreezing plans (`presets.gradual_unfreezing`) count in it: the next step is
+        step `num_update` of the plan.
+        """
+        return self._log.steps
 
     @property
     def learning_rate(self) -> float | None:
@@ -434,7 +449,11 @@ class Trainer:
         )
 
     def summary(self) -> Table:
-        """A one-row table: optimizer, base rates, parameter counts and overrides."""
+        """A one-row table: optimizer, base rates, parameter counts, overrides, steps taken.
+
+        A gradual-unfreezing plan follows it: each group's step and its state now.
+        """
+        self._follow_plans()
         frozen = sum(1 for _, p in self._plist if p.frozen)
         lr = self.learning_rate
         row = _Summary(
@@ -445,8 +464,11 @@ class Trainer:
             len(self._plist) - frozen,
             frozen,
             len(self._lr_overrides) + len(self._wd_overrides),
+            self._log.steps,
         )
-        return Table([row], title=type(self).__name__)
+        return Table(
+            [row], title=type(self).__name__, appendix=self._agenda.tables(self._log.steps)
+        )
 
     def __repr__(self) -> str:
         return str(self.summary())
@@ -455,7 +477,12 @@ class Trainer:
         return self.summary()._repr_html_()
 
     def explain(self) -> Table:
-        """Each parameter's multipliers, effective learning rate, and which link set each value."""
+        """Each parameter's multipliers, effective learning rate, and which link set each value.
+
+        As the next step will use them; a gradual-unfreezing plan follows the table: each
+        group's step, its state now (frozen, ramping, trainable) and its `lr_mult` factor.
+        """
+        self._follow_plans()
         lr = self.learning_rate
         base = float("nan") if lr is None else lr
         rows = report.rows(
@@ -467,7 +494,9 @@ class Trainer:
             self._wd,
             step=report.clock(self._opt_state),
         )
-        return report.table(rows, "Trainer.explain", base, self._wd)
+        out = report.table(rows, "Trainer.explain", base, self._wd)
+        out.appendix = self._agenda.tables(self._log.steps)
+        return out
 
     # -- checkpoints ------------------------------------------------------------------------------
     def save_states(self, path: str | os.PathLike) -> None:
@@ -478,7 +507,9 @@ class Trainer:
         Parameter values are saved separately, by `params.save(path)`. Each call adds a new step
         to the checkpoint directory; the two latest are kept. With several processes
         (`jax.distributed`), every process calls `save_states`; orbax writes each one's shards.
+        The step count (`num_update`) and the position in a gradual-unfreezing plan are saved too.
         """
+        self._follow_plans()
         arrays = by_path(self._opt_state)
         meta = {
             "optimizer": self._description,
@@ -486,6 +517,8 @@ class Trainer:
             "lr_overrides": [[k, v] for k, v in self._lr_overrides.items()],
             "wd_overrides": [[k, v] for k, v in self._wd_overrides.items()],
             "structure": structure(self._opt_state),
+            "num_update": self._log.steps,
+            "plans": self._agenda.describe(),
         }
         checkpoint.write(path, _TRAINER_FORMAT, arrays, meta)
 
@@ -522,6 +555,14 @@ class Trainer:
                 f"has {self._description}"
             )
         params = dict(self._plist)
+        # A plan: the one these Parameters follow must be the saved one; none: it is rebuilt.
+        # Its groups unfroze at different steps, each a cohort with a step count of its own:
+        # the saved structure rebuilds them before the arrays go in.
+        saved_plans = meta.get("plans", [])
+        self._agenda.adopt(self._plist, self._log.steps)
+        self._agenda.check_saved(saved_plans, where)
+        plans = [run.plan for run in self._agenda.runs]
+        rebuilt = [] if plans else [Plan.from_description(d["plan"], params) for d in saved_plans]
         rows, kept = self._params.match_report(meta["params"])
         before = {n: p.metadata() for n, p in self._plist}
         overrides = (dict(self._lr_overrides), dict(self._wd_overrides))
@@ -544,9 +585,20 @@ class Trainer:
                 if k in saved and saved[k] == [list(x.shape), str(x.dtype)]
             }
             self._opt_state = carry_over(read_arrays(like), state)
+            # The multipliers saved in the state may predate a change made before the save: the
+            # restored Parameters are the truth (same structure: nothing recompiles).
+            self._opt_state = self._refreshed()
+            for plan in rebuilt:
+                for name in dict.fromkeys(n for group in plan.members for n, _ in group):
+                    params[name].follow(plan)
+            self._log.steps = int(meta.get("num_update", 0))
+            self._agenda.restore(saved_plans, plans or rebuilt)
         except BaseException:
             for n, raw in before.items():
                 params[n].restore_metadata(raw)
+            for plan in rebuilt:
+                for name in dict.fromkeys(n for group in plan.members for n, _ in group):
+                    params[name].follow(None)
             self._lr_overrides, self._wd_overrides = overrides
             raise
         self._log.clear()
@@ -556,18 +608,23 @@ class Trainer:
             params[n].restore_metadata(before[n])
         return None if strict else Table(rows, title=f"load_states({os.fspath(path)!r})")
 
-    def _refreshed(self, saved: Mapping[str, Any] | None = None) -> Any:
-        """The optimizer state brought up to date with the Parameters and the override dicts.
+    def _refreshed(self, state: Any = None, saved: Mapping[str, Any] | None = None) -> Any:
+        """The optimizer state (or `state`) brought up to date with the Parameters and overrides.
 
         Args:
+          state: the state to bring up to date (the Trainer's by default).
           saved: a checkpoint's `structure`: the state is rebuilt with its cohorts, unfilled.
         """
         return refresh_state(
-            self._opt_state,
+            self._opt_state if state is None else state,
             self._params,
             overrides={"lr_mult": self._lr_overrides, "wd_mult": self._wd_overrides},
             saved=saved,
         )
+
+    def _init_state(self) -> Any:
+        """A fresh optimizer state for the Parameters' current frozen set."""
+        return self._tx.init({n: self._params[n].peek() for n in self._names})
 
     # -- stepping ---------------------------------------------------------------------------------
     def _check_trainable_dtypes(self) -> None:
@@ -577,6 +634,17 @@ class Trainer:
                     f"Trainer: parameter {name!r} has dtype {p.dtype} and cannot be trained; "
                     f"freeze it (params[{name!r}].frozen = True) or make it floating point"
                 )
+
+    def _follow_plans(self) -> None:
+        """Carry out what gradual-unfreezing plans say for the next step: O(1) when nothing is due.
+
+        Plans are looked for on the Parameters after a metadata change only (attaching one is
+        one); the frozen flags and `lr_mult` they set are taken in by `_sync`, as a user's.
+        """
+        if self._log.metadata:
+            self._agenda.adopt(self._plist, self._log.steps)
+        if self._log.steps >= self._agenda.due:
+            self._agenda.carry_out(self._params, self._log.steps, self._leaves, self._lr_overrides)
 
     def _sync(self) -> None:
         """Bring the optimizer state up to date with the Parameters' metadata and the overrides."""
@@ -727,9 +795,11 @@ class Trainer:
         if not batch_size > 0 or not math.isfinite(batch_size):
             raise ValueError(f"step: batch_size must be a finite number > 0, got {batch_size!r}")
         _refuse_tracers("step", grads)
+        self._follow_plans()
         flat = self._grads_by_name(grads)
         if not flat:
-            return  # every parameter is frozen: nothing to update
+            self._log.steps += 1  # every parameter is frozen: nothing to update, still a step
+            return
         self._sync()
         trainable, frozen = self._gather()
         g = {n: (flat[n] if n in flat else optax.MaskedNode()) for n in self._names}
@@ -742,6 +812,7 @@ class Trainer:
         self._opt_state = _join_state(outer, rest, mults)
         self._write_back(new, frozen)
         self._raise_if_not_finite(finite)
+        self._log.steps += 1
 
     def _train_fn(self, loss_fn: Callable, has_aux: bool) -> Callable:
         key = (loss_fn, has_aux)
@@ -807,6 +878,7 @@ class Trainer:
             raise TypeError(f"train_step: loss_fn must be callable, got {type(loss_fn).__name__}")
         _refuse_tracers("train_step", args)
         fn = self._train_fn(loss_fn, has_aux)
+        self._follow_plans()
         self._sync()
         trainable, frozen = self._gather()
         outer, rest, mults = _split_state(self._opt_state)
@@ -815,4 +887,5 @@ class Trainer:
         self._opt_state = _join_state(outer, rest, mults)
         self._write_back(new, frozen)
         self._raise_if_not_finite(finite)
+        self._log.steps += 1
         return out

@@ -122,12 +122,18 @@ trainer.explain()
 # - **frozen backbone**: `linear_probe(params, "head/")`, only the head trains;
 # - **layer-wise decay**: `layerwise_lr_decay(params, 0.5)`;
 # - **decay + gradual unfreezing**: layer-wise decay, the head alone first, then one more layer
-#   unfrozen from the top every 50 steps (`params.select("layers/1/").setattr("frozen", False)`).
-#   Each new frozen set compiles the step once; the layers already training keep their Adam state.
+#   unfrozen from the top every 50 steps, each ramping its `lr_mult` up from 0 over 10 steps
+#   (ULMFiT): `presets.gradual_unfreezing(params, ["head/", "layers/1/", "layers/0/", "embed/"],
+#   every=50, warmup=10)`.
+#
+# The plan is data on the parameters, not code in the loop: the trainer carries it out by itself,
+# so the training loop below is the same for all four. Each new frozen set compiles the step once
+# (the ramps change multipliers only: no recompilation); the layers already training keep their
+# Adam state, and each newly unfrozen layer starts with a step count of its own.
 
 # %%
-STEPS, STAGE = 200, 50
-UNFREEZE = ["layers/1/", "layers/0/", "embed/"]
+STEPS, STAGE, WARMUP = 200, 50, 10
+KERNELS = ["embed/kernel", "layers/0/kernel", "layers/1/kernel", "head/kernel"]
 
 
 def run(strategy):
@@ -138,15 +144,17 @@ def run(strategy):
     if strategy in ("layer-wise decay", "decay + gradual unfreezing"):
         presets.layerwise_lr_decay(params, 0.5)
     if strategy == "decay + gradual unfreezing":
-        presets.linear_probe(params, "head/")
+        groups = ["head/", "layers/1/", "layers/0/", "embed/"]
+        presets.gradual_unfreezing(params, groups, every=STAGE, warmup=WARMUP)
     trainer = lrmult.NNXTrainer(model, params, "adamw", {"learning_rate": 3e-3, "wd": 1e-2})
-    losses = []
-    for step in range(STEPS):
-        if strategy == "decay + gradual unfreezing" and step and step % STAGE == 0:
-            params.select(UNFREEZE[step // STAGE - 1]).setattr("frozen", False)
+    losses, lr_mults = [], []
+    for _ in range(STEPS):
         losses.append(float(trainer.train_step(cross_entropy, x_train, y_train)))
+        # What each kernel's step used (0 while frozen), to plot below: not needed to train.
+        lr_mults.append([0.0 if params[n].frozen else params[n].lr_mult for n in KERNELS])
     return {
         "losses": losses,
+        "lr_mults": np.array(lr_mults),
         "accuracy": float(accuracy(model, x_test, y_test)),
         "trainer": trainer,
     }
@@ -179,8 +187,7 @@ plt.show()
 
 # %%
 rows = [r for r in results["layer-wise decay"]["trainer"].explain() if r.name.endswith("kernel")]
-order = ["embed/kernel", "layers/0/kernel", "layers/1/kernel", "head/kernel"]
-rows.sort(key=lambda r: order.index(r.name))
+rows.sort(key=lambda r: KERNELS.index(r.name))
 fig, ax = plt.subplots(figsize=(6, 3))
 ax.bar([r.name for r in rows], [r.lr for r in rows], color="tab:green")
 for i, r in enumerate(rows):
@@ -188,6 +195,25 @@ for i, r in enumerate(rows):
 ax.set_ylabel("effective learning rate")
 ax.set_title("layerwise_lr_decay(params, 0.5)")
 plt.show()
+
+# %% [markdown]
+# ## The plan, step by step
+#
+# The gradual-unfreezing run's `lr_mult` per kernel at every step (0 while frozen): each layer
+# joins at its step and ramps linearly to what layer-wise decay gave it. The trainer's summary
+# (and `explain()`) ends with the plan: when each group unfroze, and where the trainer is in it.
+
+# %%
+plan_run = results["decay + gradual unfreezing"]
+fig, ax = plt.subplots(figsize=(8, 3))
+for name, column in zip(KERNELS, plan_run["lr_mults"].T, strict=True):
+    ax.plot(column, label=name)
+ax.set_xlabel("fine-tuning step")
+ax.set_ylabel("lr_mult used")
+ax.legend(fontsize=8)
+ax.grid(alpha=0.3)
+plt.show()
+plan_run["trainer"].summary()
 
 # %% [markdown]
 # ## What the numbers say
@@ -202,7 +228,8 @@ plt.show()
 #   this small a network, that is also hard to beat on held-out accuracy.
 # - **Layer-wise decay** moves the lower layers less (the bar chart), so the network stays closer
 #   to its pretrained features while the head and top block adapt; **gradual unfreezing** adds a
-#   layer at a time, visible as the kinks in its loss curve, and ends near the full fine-tune.
+#   layer at a time, visible as the kinks in its loss curve (softened by the ramps), and ends
+#   near the full fine-tune.
 #
 # Which recipe wins depends on how far apart the tasks are and how much labelled data there is:
 # the point of the presets is that trying each is one line, and `explain()` shows exactly what

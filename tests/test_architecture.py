@@ -51,7 +51,8 @@ def test_the_import_graph_has_no_cycle():
 
 def test_imports_run_top_down():
     """parameter -> paramdict -> lookup -> binding -> transforms -> resync -> report ->
-    optimizers -> trainer -> flax_interop; checkpoint, display, flax_trees, _names at the bottom."""
+    optimizers -> plans -> trainer -> flax_interop; checkpoint, display, flax_trees, _names at
+    the bottom."""
     order = [
         "_names",
         "_where",
@@ -67,6 +68,7 @@ def test_imports_run_top_down():
         "resync",
         "report",
         "optimizers",
+        "plans",
         "trainer",
         "presets",
         "rules",

@@ -124,6 +124,22 @@ def test_load_writes_back_set_and_unset_metadata(tmp_path):
     assert {r.name: r.wd_source for r in trainer2.explain()}["b"] == "name"
 
 
+def test_a_multiplier_set_after_the_last_step_applies_after_load(tmp_path):
+    """The saved state's multipliers predate the change; the restored Parameters win."""
+    pd, trainer = small()
+    grads = {"a": jnp.ones(3), "b": jnp.ones((2, 2))}
+    trainer.step(grads)
+    pd["a"].lr_mult = 0.5  # not yet in the state when saved
+    trainer.save_states(tmp_path / "ck")
+    pd.save(tmp_path / "values")
+    pd2, trainer2 = small()
+    pd2.load(tmp_path / "values")
+    trainer2.load_states(tmp_path / "ck")
+    trainer.step(grads)
+    trainer2.step(grads)
+    np.testing.assert_array_equal(pd2["a"].data(), pd["a"].data())
+
+
 @pytest.mark.parametrize(
     "tree, match",
     [

@@ -23,6 +23,7 @@ def test_finetune_digits_runs_and_writes_its_png(tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.count("Trainer.explain") == len(demo.STRATEGIES)  # before each fine-tuning
     assert "preset:layerwise_lr_decay" in out and "preset:linear_probe" in out
+    assert "preset:gradual_unfreezing" in out and "gradual unfreezing" in out  # the plan's table
     for column in ("held-out accuracy", "step time (ms)", "optimizer state"):
         assert column in out
     assert demo.PNG == EXAMPLE.with_suffix(".png")  # the default: next to the script
@@ -43,6 +44,6 @@ def test_finetune_digits_frozen_backbone_holds_only_the_heads_state():
     # + step counts and the multiplier blocks (eight float32 each, two kinds)
     assert head <= state["frozen backbone"] < head + 128
     assert everything <= state["all at 1x"] < everything + 256
-    # Gradual unfreezing (stages of 8 // 4 = 2 steps) has unfrozen everything by step 6.
+    # The plan (stages of 8 // 4 = 2 steps) has unfrozen everything by step 6.
     assert runs["LLRD + gradual unfreezing"]["unfreeze_at"] == [2, 4, 6]
     assert everything <= state["LLRD + gradual unfreezing"] < everything + 512

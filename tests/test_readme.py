@@ -89,3 +89,14 @@ def test_the_l2sp_snippet_runs():
     assert rows["Dense_0/kernel"].decay_to_init_source == "preset:decay_to_init"
     anchors = lrmult.resync.find(env["state"], lrmult.transforms.AnchorState)[0][1]
     assert sum(anchors.spec.anchored) == 5  # all but the head's bias: its kernel since refresh
+
+
+def test_the_gradual_unfreezing_snippet_runs(capsys):
+    import lrmult
+
+    env = {**_world(), "lrmult": lrmult}
+    exec(block_after("### Gradual unfreezing"), env)
+    params, trainer = env["params"], env["trainer"]
+    assert trainer.num_update == 150 and not any(p.frozen for p in params.values())
+    assert params["Dense_0/kernel"].lr_mult == 0.5  # the ramps are over: decay's value back
+    assert "ramp" not in capsys.readouterr().out.split("gradual unfreezing")[1]
