@@ -1,6 +1,19 @@
 import collections
+import os
 
-import jax
+# Tests compile hundreds of small steps and run each a few times: XLA:CPU's optimizing passes
+# cost more than they save here (about a fifth of the suite). Set before any backend starts;
+# subprocesses and notebook kernels inherit it. Numbers are compared to float32 rounding or
+# between two runs under the same flags, never to an optimized build's exact bits.
+os.environ["XLA_FLAGS"] = " ".join(
+    [
+        os.environ.get("XLA_FLAGS", ""),
+        "--xla_backend_optimization_level=0",
+        "--xla_llvm_disable_expensive_passes=true",
+    ]
+).strip()
+
+import jax  # noqa: E402
 import pytest
 
 _COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
