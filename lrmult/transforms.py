@@ -250,7 +250,10 @@ def plan_slots(flat: list[Any], held: list[Any]) -> tuple[tuple[Slot | None, ...
         kinds.append((shape, kind, 0 if numbers is None else len(numbers)))
     lengths = [None if k is None else int(np.prod(k[0], dtype=np.int64)) for k in kinds]
     sizes, places = layout(lengths)
-    tables: dict[Any, int] = {}  # kind -> width so far
+    # A kind's numbers in tables of BLOCK columns (for the reason the constants are in blocks:
+    # each position reads one of BLOCK offsets); a stack's BLOCK layers or more: a table of its own.
+    tables: list[list[Any]] = []  # [kind, width, used]
+    open_table: dict[Any, int] = {}
     slots = []
     for x, k, (block, start) in zip(flat, kinds, places, strict=True):
         if k is None:
@@ -260,11 +263,19 @@ def plan_slots(flat: list[Any], held: list[Any]) -> tuple[tuple[Slot | None, ...
         rows, total = (tuple(x.rows), x.total) if isinstance(x, Rows) else (None, 0)
         table, column = -1, 0
         if numbers:
-            column = tables.setdefault(kind, 0)
-            table = list(tables).index(kind)
-            tables[kind] = column + int(np.prod(shape, dtype=np.int64))
+            n = int(np.prod(shape, dtype=np.int64))
+            table = open_table.get(kind, -1)
+            if n >= BLOCK:
+                tables.append([kind, n, n])
+                table = len(tables) - 1
+            elif table < 0 or tables[table][2] + n > BLOCK:
+                tables.append([kind, BLOCK, 0])
+                table = open_table[kind] = len(tables) - 1
+            column = tables[table][2] if n < BLOCK else 0
+            if n < BLOCK:
+                tables[table][2] += n
         slots.append(Slot(block, start, shape, rows, total, kind, numbers, table, column))
-    return tuple(slots), tuple(sizes), tuple(tables.items())
+    return tuple(slots), tuple(sizes), tuple((kind, width) for kind, width, _ in tables)
 
 
 @dataclasses.dataclass(frozen=True)
