@@ -736,7 +736,8 @@ class Parameter:
             return "-"
         value = getattr(self, "_" + self._attr(attr))
         if not isinstance(value, np.ndarray):
-            return str(value)
+            # Numbers as explain() shows them (6 significant digits); schedules by their repr.
+            return _show_number(value) if isinstance(value, (int, float)) else str(value)
         mask = np.broadcast_to(self.set_mask(attr), value.shape)
         entries = [
             _show_number(v) if m else "-" for v, m in zip(value.flat, mask.flat, strict=True)

@@ -135,12 +135,14 @@ def test_merged_dict_nests_numeric_levels_as_lists():
 def test_repr_and_html_show_every_column():
     pd = ParamDict.from_pytree({"w": jnp.ones((2, 2)), "b": jnp.zeros(2)})
     pd["b"].wd_mult = 0.0
+    pd["w"].lr_mult = 0.1 * 3  # 0.30000000000000004: shown to 6 significant digits, as explain()
     text = repr(pd)
     for col in ("name", "shape", "dtype", "lr_mult", "wd_mult", "frozen"):
         assert col in text
     assert "(2, 2)" in text and "float32" in text
     html = pd._repr_html_()
-    assert html.count("<tr>") == 3 and "<td>0.0</td>" in html
+    assert html.count("<tr>") == 3 and "<td>0</td>" in html and "<td>0.3</td>" in html
+    assert "0.30000000000000004" not in text
 
 
 def test_from_pytree_refuses_non_array_leaves():

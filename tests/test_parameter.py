@@ -71,4 +71,4 @@ def test_value_must_be_an_array():
 
 def test_repr_shows_set_metadata_only():
     r = repr(lrmult.Parameter(jnp.zeros(2), name="b", wd_mult=0.0))
-    assert "wd_mult=0.0" in r and "lr_mult" not in r
+    assert "wd_mult=0" in r and "lr_mult" not in r
