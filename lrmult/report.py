@@ -17,8 +17,8 @@ import optax
 from lrmult import lookup, schedules
 from lrmult.display import Table
 from lrmult.lookup import Leaf
-from lrmult.resync import bound_param_dict, find
-from lrmult.transforms import AnchorState, ClockState, MultState
+from lrmult.resync import bound_param_dict, clock, find
+from lrmult.transforms import AnchorState, MultState
 
 
 class ExplainRow(NamedTuple):
@@ -111,12 +111,6 @@ def _now(value: Any, source: Any, step: int) -> tuple[Any, Any]:
         named[...] = [f"{s} {value!r}" for s in source.reshape(-1)]
         return schedules.value_at(value, step), named.reshape(source.shape)
     return schedules.value_at(value, step), f"{source} {value!r}"
-
-
-def clock(opt_state: Any) -> int:
-    """The step count at which an lrmult state evaluates schedules (0 without one)."""
-    found = find(opt_state, ClockState)
-    return int(np.asarray(found[0][1].count.addressable_data(0))) if found else 0
 
 
 def _differs(held: Any, resolved: Any) -> bool:

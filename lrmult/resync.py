@@ -45,6 +45,12 @@ def find(opt_state: Any, kind: type) -> list[tuple[Any, Any]]:
     return [(path, x) for path, x in flat[0] if isinstance(x, kind)]
 
 
+def clock(opt_state: Any) -> int:
+    """The step count at which an lrmult state evaluates schedules (0 without one)."""
+    found = find(opt_state, ClockState)
+    return int(np.asarray(found[0][1].count.addressable_data(0))) if found else 0
+
+
 def host_value(x: jax.Array) -> Any:
     """An array's value on the host, also when it spans processes (read the local copy)."""
     value = np.asarray(x.addressable_data(0))
@@ -199,8 +205,7 @@ def _start_own_clocks(state: Any, leaves: Any, was: Any, now: Any, param_dict: A
     ]
     if not owned:
         return
-    clocks = find(state.inner, ClockState)
-    step = int(np.asarray(clocks[0][1].count.addressable_data(0))) if clocks else 0
+    step = clock(state.inner)
     for param, attr in owned:
         setting = param.setting(attr)
         param.put(attr, setting._replace(value=setting.value.started(step)))

@@ -23,7 +23,7 @@ from lrmult.optimizers import OPTIMIZERS, check_hyperparameter, check_learning_r
 from lrmult.paramdict import ParamDict
 from lrmult.parameter import ChangeLog, Outputs, Parameter
 from lrmult.plans import Agenda, Plan
-from lrmult.resync import by_path, carry_over, host_value, refresh_state, structure
+from lrmult.resync import by_path, carry_over, clock, host_value, refresh_state, structure
 from lrmult.transforms import AnchorState, MultState, place_like, zero_frozen_layers
 
 _FROZEN = optax.MaskedNode()
@@ -492,7 +492,7 @@ class Trainer:
             self._wd_overrides,
             base,
             self._wd,
-            step=report.clock(self._opt_state),
+            step=clock(self._opt_state),
         )
         out = report.table(rows, "Trainer.explain", base, self._wd)
         out.appendix = self._agenda.tables(self._log.steps)

@@ -102,10 +102,6 @@ def _concrete(tree: Any) -> bool:
 BLOCK = 8
 
 
-def _is_helper(kind: Any) -> bool:
-    return isinstance(kind, type) and issubclass(kind, schedules.Schedule)
-
-
 class Slot(NamedTuple):
     """Where one position's multiplier sits in a `MultState`'s blocks, and what it is.
 
@@ -222,10 +218,10 @@ def layout(lengths: list[int | None]) -> tuple[list[int], list[tuple[int, int]]]
     return sizes, places
 
 
-def _shape_of(x: Any, value: Any) -> tuple[int, ...]:
+def _shape_of(position: Any, value: Any) -> tuple[int, ...]:
     """A position's multiplier shape: a group's rows, else the value's (a stack's layers)."""
-    if isinstance(x, Rows):
-        return (len(x.rows),)
+    if position:
+        return (len(position[0]),)
     if schedules.is_schedule(value):
         return tuple(np.shape(getattr(value, "factor", 1.0))) or _stack_shape(value)
     return tuple(np.shape(value))
@@ -238,14 +234,21 @@ def _stack_shape(value: Any) -> tuple[int, ...]:
     return ()
 
 
-def plan_slots(flat: list[Any], held: list[Any]) -> tuple[tuple[Slot | None, ...], tuple, tuple]:
-    """The slots, block sizes and tables `(kind, width)` for positions `flat` holding `held`."""
+def plan_slots(
+    positions: tuple[Any, ...], held: list[Any]
+) -> tuple[tuple[Slot | None, ...], tuple, tuple]:
+    """The slots, block sizes and tables `(kind, width)` for `positions` holding `held`.
+
+    Args:
+      positions: each position as `_positions` gives it (None: frozen).
+      held: each position's multiplier (`_held`).
+    """
     kinds = []
-    for x, h in zip(flat, held, strict=True):
+    for position, h in zip(positions, held, strict=True):
         if h is None:
             kinds.append(None)
             continue
-        shape = (len(x.rows),) if isinstance(x, Rows) else _shape_of(x, h)
+        shape = _shape_of(position, h)
         _, kind, numbers = _parts(h, shape)
         kinds.append((shape, kind, 0 if numbers is None else len(numbers)))
     lengths = [None if k is None else int(np.prod(k[0], dtype=np.int64)) for k in kinds]
@@ -255,12 +258,12 @@ def plan_slots(flat: list[Any], held: list[Any]) -> tuple[tuple[Slot | None, ...
     tables: list[list[Any]] = []  # [kind, width, used]
     open_table: dict[Any, int] = {}
     slots = []
-    for x, k, (block, start) in zip(flat, kinds, places, strict=True):
+    for position, k, (block, start) in zip(positions, kinds, places, strict=True):
         if k is None:
             slots.append(None)
             continue
         shape, kind, numbers = k
-        rows, total = (tuple(x.rows), x.total) if isinstance(x, Rows) else (None, 0)
+        rows, total = position or (None, 0)
         table, column = -1, 0
         if numbers:
             n = int(np.prod(shape, dtype=np.int64))
@@ -316,13 +319,6 @@ class MultSpec:
             None if self.idx2name is None else dict(self.idx2name),
         )
 
-    def held_of(self, values: list[Any]) -> list[Any]:
-        """Each position's multiplier from each leaf's (None where the position is frozen)."""
-        return [
-            None if p is None else _position_slot(p).take(v)
-            for p, v in zip(self.positions, values, strict=True)
-        ]
-
     def pack(self, held: list[Any]) -> list[np.ndarray]:
         """The blocks (padding: 1.0), then the tables, holding each position's multiplier."""
         blocks = [np.ones(n, np.float32) for n in self.blocks]
@@ -364,7 +360,16 @@ def _position_slot(position: Any) -> Slot:
     return Slot(0, 0, (len(rows),), rows, total)
 
 
+def _held(positions: tuple[Any, ...], values: list[Any]) -> list[Any]:
+    """Each position's multiplier from its leaf's (None where the position is frozen)."""
+    return [
+        None if p is None else _position_slot(p).take(v)
+        for p, v in zip(positions, values, strict=True)
+    ]
+
+
 def _positions(flat: list[Any]) -> tuple[Any, ...]:
+    """Each position of a flattened tree: None (frozen), `()` (a leaf) or `(rows, total)`."""
     return tuple(
         None if is_masked(x) else ((tuple(x.rows), x.total) if isinstance(x, Rows) else ())
         for x in flat
@@ -436,13 +441,12 @@ class MultState:
         overrides = dict(spec.overrides) if overrides is None else overrides
         lookup.warn_shadowed(spec.attr, overrides, leaves, param_dict)
         values = lookup.multiplier_values(spec.attr, leaves, param_dict, overrides)
-        held = spec.held_of(values)
-        like = [None if p is None else (Rows(None, *p) if p else 0) for p in spec.positions]
-        slots, sizes, tables = plan_slots(like, held)
+        held = _held(spec.positions, values)
+        slots, sizes, tables = plan_slots(spec.positions, held)
         arrays, treedef = jax.tree.flatten(self.values)
         if slots != spec.slots or tables != spec.tables:
             new_spec = dataclasses.replace(spec, slots=slots, blocks=sizes, tables=tables)
-            ref = next((a for a in arrays), None)
+            ref = arrays[0] if arrays else None
             return MultState(_placed(new_spec.pack(held), ref), new_spec)
         new = spec.pack(held)
         # Through jax.tree, so wrappers around the blocks (nnx.Optimizer's) are kept.
@@ -524,11 +528,8 @@ def _multiplier_init(
         flat = flatten(params)[0]
         values = lookup.multiplier_values(attr, leaves, param_dict, overrides)
         positions = _positions(flat)
-        held = [
-            None if p is None else _position_slot(p).take(v)
-            for p, v in zip(positions, values, strict=True)
-        ]
-        slots, sizes, tables = plan_slots(flat, held)
+        held = _held(positions, values)
+        slots, sizes, tables = plan_slots(positions, held)
         spec = MultSpec(
             attr,
             tuple(leaves),
