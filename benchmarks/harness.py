@@ -142,6 +142,31 @@ class TrainerRunner:
         return self.n_params + sum(isinstance(x, jax.Array) for x in state) + len(self.batch)
 
 
+def constants(factors: Sequence[float]) -> optax.GradientTransformation:
+    """Each leaf's update times its own Python number, baked into the compiled step.
+
+    A new number means a new step to compile: the floor a runtime per-leaf multiplier can reach.
+    """
+
+    def update(updates, state, params=None):
+        leaves, treedef = jax.tree.flatten(updates)
+        return treedef.unflatten([u * f for u, f in zip(leaves, factors, strict=True)]), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def decay_constants(rates: Sequence[float]) -> optax.GradientTransformation:
+    """`rate · param` added to each leaf's update, each rate a Python number (see `constants`)."""
+
+    def update(updates, state, params):
+        leaves, treedef = jax.tree.flatten(updates)
+        ps = jax.tree.leaves(params)
+        out = [u + r * p for u, r, p in zip(leaves, rates, ps, strict=True)]
+        return treedef.unflatten(out), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
 def tree_bytes(tree: Any, min_size: int = 0) -> int:
     """Bytes of the arrays of `tree` with more than `min_size` entries (shape metadata only)."""
     return sum(

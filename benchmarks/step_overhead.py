@@ -2,6 +2,8 @@
 
 Step time / `optax` step time, interleaved. `optax`: a hand-jitted donating step without
 multipliers; `A/A`: the same compiled step on buffers of its own (its ratio is the noise);
+`floor`: the same optax step with each leaf's multipliers baked in as Python numbers
+(`harness.constants`: recompiles on any change; the cheapest a per-leaf multiplier can be);
 `chain`: the same hand-jitted step with `lrmult.<opt>(..., param_dict=pd)`; `Trainer`:
 `lrmult.Trainer(pd, opt, ...).train_step`. lrmult runs with `lr_mult = 0.1`, `wd_mult = 0.5` on
 the first half of the leaves. Inputs: buffers of the compiled step (`input_shardings` of
@@ -15,25 +17,41 @@ from __future__ import annotations
 import sys
 
 import harness as h
+import jax
 import optax
 
 import lrmult
 
-RECIPES = {  # plain optax, lrmult's optax-level chain, Trainer arguments (the same math)
+RECIPES = {  # plain optax, lrmult's optax-level chain, Trainer arguments (the same math), and
+    # the floor: optax with per-leaf (lr_mult, wd_mult) baked in as numbers
     "sgd": (
         lambda: optax.chain(optax.add_decayed_weights(h.WD), optax.sgd(h.LR_SGD, momentum=0.9)),
         lambda pd: lrmult.sgd(h.LR_SGD, momentum=0.9, weight_decay=h.WD, param_dict=pd),
         {"learning_rate": h.LR_SGD, "momentum": 0.9, "wd": h.WD},
+        lambda lr, wd: optax.chain(
+            h.decay_constants([h.WD * w for w in wd]),
+            optax.sgd(h.LR_SGD, momentum=0.9),
+            h.constants(lr),
+        ),
     ),
     "adam": (
         lambda: optax.chain(optax.add_decayed_weights(h.WD), optax.adam(h.LR)),
         lambda pd: lrmult.adam(h.LR, weight_decay=h.WD, param_dict=pd),
         {"learning_rate": h.LR, "wd": h.WD},
+        lambda lr, wd: optax.chain(
+            h.decay_constants([h.WD * w for w in wd]), optax.adam(h.LR), h.constants(lr)
+        ),
     ),
     "adamw": (
         lambda: optax.adamw(h.LR, weight_decay=h.WD),
         lambda pd: lrmult.adamw(h.LR, weight_decay=h.WD, param_dict=pd),
         {"learning_rate": h.LR, "wd": h.WD},
+        lambda lr, wd: optax.chain(
+            optax.scale_by_adam(),
+            h.decay_constants([h.WD * w for w in wd]),
+            optax.scale_by_learning_rate(h.LR),
+            h.constants(lr),
+        ),
     ),
 }
 FULL = (h.MLP(4, 512, 64), h.MLP(32, 128, 64), h.MLP(256, 32, 16, False))
@@ -48,6 +66,12 @@ def half_set(params) -> lrmult.ParamDict:
     return pd
 
 
+def half_numbers(params) -> tuple[list[float], list[float]]:
+    """`half_set`'s (lr_mult, wd_mult) as numbers, in the leaves' order (a ParamDict's order)."""
+    n = len(jax.tree.leaves(params))
+    return [0.1] * (n // 2) + [1.0] * (n - n // 2), [0.5] * (n // 2) + [1.0] * (n - n // 2)
+
+
 def run(quick: bool) -> h.Report:
     models, opts = (QUICK, ("adam",)) if quick else (FULL, tuple(RECIPES))
     rounds, block_s = (4, 0.01) if quick else (16, 0.04)
@@ -55,21 +79,25 @@ def run(quick: bool) -> h.Report:
     for model in models:
         params, batch = model.init(), model.batch_data()
         for opt in opts:
-            plain, chain, trainer_opts = RECIPES[opt]
+            plain, chain, trainer_opts, floor = RECIPES[opt]
             base = h.OptaxRunner(plain(), params, batch)
             runners = {
                 "optax": base,
                 "A/A": base.twin(),
+                "floor": h.OptaxRunner(floor(*half_numbers(params)), params, batch),
                 "chain": h.OptaxRunner(chain(half_set(params)), params, batch),
                 "Trainer": h.TrainerRunner(half_set(params), opt, trainer_opts, batch),
             }
             t = h.interleave(runners, rounds, block_s)
-            ratios = [c for k in ("A/A", "chain", "Trainer") for c in h.ratio(t[k], t["optax"])]
+            ratios = [
+                c for k in ("A/A", "floor", "chain", "Trainer") for c in h.ratio(t[k], t["optax"])
+            ]
             inputs = [str(runners[k].input_buffers()) for k in ("optax", "chain", "Trainer")]
             rows.append([model.describe(), opt, h.fmt_time(h.median(t["optax"])), *ratios])
             rows[-1].append(" / ".join(inputs))
             del runners, base
-    header = ["model", "opt", "optax step", "A/A med", "A/A min", "chain med", "chain min"]
+    header = ["model", "opt", "optax step", "A/A med", "A/A min", "floor med", "floor min"]
+    header += ["chain med", "chain min"]
     header += ["Trainer med", "Trainer min", "inputs optax / chain / Trainer"]
     return h.Report(__doc__, [f"{rounds} rounds.", h.table(header, rows)])
 
