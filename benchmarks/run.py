@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import first_call
 import frozen
 import harness as h
 import recompiles
@@ -21,7 +22,7 @@ import stacked
 import step_overhead
 
 HERE = Path(__file__).resolve().parent
-BENCHMARKS = (step_overhead, scaling, recompiles, frozen, stacked, schedules)
+BENCHMARKS = (step_overhead, scaling, recompiles, frozen, stacked, schedules, first_call)
 
 
 def main(argv=None) -> int:
