@@ -623,8 +623,27 @@ class Trainer:
         )
 
     def _init_state(self) -> Any:
-        """A fresh optimizer state for the Parameters' current frozen set."""
-        return self._tx.init({n: self._params[n].peek() for n in self._names})
+        """A fresh optimizer state for the Parameters' current frozen set.
+
+        Arrays `init` left uncommitted (optax's step counts) are replicated on the parameters'
+        mesh, as the jitted step returns them: otherwise the second step's inputs differ in
+        placement from the first's, and the step compiles twice.
+        """
+        values = {n: self._params[n].peek() for n in self._names}
+        state = self._tx.init(values)
+        like = next(
+            (
+                v
+                for v in values.values()
+                if isinstance(getattr(v, "sharding", None), jax.sharding.NamedSharding)
+            ),
+            None,
+        )
+        if like is None:
+            return state
+        return jax.tree.map(
+            lambda x: x if getattr(x, "committed", True) else place_like(x, like, x.dtype), state
+        )
 
     # -- stepping ---------------------------------------------------------------------------------
     def _check_trainable_dtypes(self) -> None:
