@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import NamedSharding
 
 from lrmult import checkpoint, lookup, report
 from lrmult._names import suggest
@@ -615,29 +616,29 @@ class Trainer:
           state: the state to bring up to date (the Trainer's by default).
           saved: a checkpoint's `structure`: the state is rebuilt with its cohorts, unfilled.
         """
-        return refresh_state(
+        state = refresh_state(
             self._opt_state if state is None else state,
             self._params,
             overrides={"lr_mult": self._lr_overrides, "wd_mult": self._wd_overrides},
             saved=saved,
         )
+        return self._on_mesh(state)
 
     def _init_state(self) -> Any:
-        """A fresh optimizer state for the Parameters' current frozen set.
-
-        Arrays `init` left uncommitted (optax's step counts) are replicated on the parameters'
-        mesh, as the jitted step returns them: otherwise the second step's inputs differ in
-        placement from the first's, and the step compiles twice.
-        """
+        """A fresh optimizer state for the Parameters' current frozen set."""
         values = {n: self._params[n].peek() for n in self._names}
-        state = self._tx.init(values)
+        return self._on_mesh(self._tx.init(values), values.values())
+
+    def _on_mesh(self, state: Any, values: Any = None) -> Any:
+        """`state` with the arrays init left uncommitted replicated on the parameters' mesh.
+
+        optax's step counts come out of `init` uncommitted, and out of the jitted step replicated
+        on the mesh: otherwise the next step's inputs differ in placement from this one's, and
+        the step compiles twice for one frozen set. Nothing changes off a mesh.
+        """
+        values = (p.peek() for p in self._params.values()) if values is None else values
         like = next(
-            (
-                v
-                for v in values.values()
-                if isinstance(getattr(v, "sharding", None), jax.sharding.NamedSharding)
-            ),
-            None,
+            (v for v in values if isinstance(getattr(v, "sharding", None), NamedSharding)), None
         )
         if like is None:
             return state

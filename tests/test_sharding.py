@@ -93,6 +93,16 @@ SCRIPT = textwrap.dedent(
     print("collectives", collectives(ours), collectives(theirs))
     assert collectives(ours) == collectives(theirs)
     assert sum(collectives(ours).values()) > 0   # the comparison is not vacuous
+    # The same when a frozen parameter joins training with fresh state: one compile, not two.
+    pd["bias"].frozen = True
+    trainer.train_step(loss_fn, xs, ys)
+    pd["bias"].frozen = False
+    counts = []
+    for _ in range(3):
+        before = len(seen)
+        trainer.train_step(loss_fn, xs, ys)
+        counts.append(len(seen) - before)
+    assert counts[1:] == [0, 0], counts
     print("OK")
     """
 )
