@@ -110,21 +110,22 @@ BLOCK = 8
 class Slot(NamedTuple):
     """Where one position's multiplier sits in a `MultState`'s blocks, and what it is.
 
-    The multiplier is `constant · kind(t)`: `constant` (shaped `shape`) sits in a block; a
-    `schedules.Schedule` kind's numbers sit in that kind's table (`MultSpec.tables`: one array
-    `(numbers, width)` per kind, evaluated once per step for all its positions), at `column`.
+    The multiplier is `constant · kind(t)`. `constant` (shaped `shape`) sits in a block at
+    `start`. A `schedules.Schedule` kind's numbers sit in the same block, in the same columns,
+    as rows `row .. row + numbers` of it: a block holding schedules is 2-D, `(1 + rows, width)`,
+    its row 0 the constants, so a schedule costs no buffer of its own (each buffer costs a step
+    time), and each kind is evaluated once per step for the whole block, as one vector.
 
     Attributes:
       block: which block.
-      start: the first entry in that block.
+      start: the first entry (column) in that block.
       shape: the multiplier's shape: () for a leaf, its stacked axes for a stacked leaf, (rows,)
         for a group of layers.
       rows: the group's rows (of `total`), or None for a whole leaf.
       total: the number of layers of the group's leaf (0 for a whole leaf).
       kind: None (a constant), a `schedules.Schedule` subclass, or a user's schedule function.
-      numbers: how many numbers the kind keeps in its table (0: none).
-      table: which table (a `schedules.Schedule` kind).
-      column: the position's first column in that table.
+      numbers: how many numbers the kind keeps in the block (0: none).
+      row: the first of the block's rows holding them.
     """
 
     block: int
@@ -134,8 +135,7 @@ class Slot(NamedTuple):
     total: int = 0
     kind: Any = None
     numbers: int = 0
-    table: int = -1
-    column: int = 0
+    row: int = 0
 
     @property
     def size(self) -> int:
@@ -152,22 +152,22 @@ class Slot(NamedTuple):
         flat = np.broadcast_to(flat, (self.total,)) if flat.size == 1 else flat
         return flat[list(self.rows)]
 
-    def value(self, blocks: list[jax.Array], evaluated: list[jax.Array], t: jax.Array) -> jax.Array:
+    def value(self, constants: list[jax.Array], evaluated: Mapping, t: jax.Array) -> jax.Array:
         """The multiplier inside a step at step `t`, flat (`size` entries).
 
-        Static slices of its block (and table), read with `lax.slice`: few ops to trace and for
-        XLA to simplify (jnp indexing traces ~0.4 ms a read).
+        Static slices of its block, read with `lax.slice`: few ops to trace and for XLA to
+        simplify (jnp indexing traces ~0.4 ms a read).
 
         Args:
-          blocks: the state's blocks.
-          evaluated: each table's kind evaluated at `t` over the table's columns.
+          constants: each block's row of constants.
+          evaluated: `(block, row) -> ` that row's kind evaluated at `t` over the block's columns.
           t: the step count.
         """
-        constant = _slice(blocks[self.block], self.start, self.size)
+        constant = _slice(constants[self.block], self.start, self.size)
         if self.kind is None:
             return constant
         if self.numbers:
-            return constant * _slice(evaluated[self.table], self.column, self.size)
+            return constant * _slice(evaluated[self.block, self.row], self.start, self.size)
         out = jnp.asarray(self.kind(t), jnp.float32)
         if out.ndim and self.rows is not None:
             out = out.reshape(-1)[np.array(self.rows)]
@@ -176,6 +176,13 @@ class Slot(NamedTuple):
 
 def _slice(vector: jax.Array, start: int, size: int) -> jax.Array:
     return jax.lax.slice(vector, (start,), (start + size,))
+
+
+def _row(block: jax.Array, row: int) -> jax.Array:
+    """Row `row` of a 2-D block (a 1-D block is its own row 0)."""
+    if block.ndim == 1:
+        return block
+    return jax.lax.index_in_dim(block, row, axis=0, keepdims=False)
 
 
 def _spread(m: jax.Array, shape: tuple[int, ...], like: jax.Array) -> jax.Array:
@@ -257,8 +264,8 @@ def _stack_shape(value: Any) -> tuple[int, ...]:
 
 def plan_slots(
     positions: tuple[Any, ...], held: list[Any]
-) -> tuple[tuple[Slot | None, ...], tuple, tuple]:
-    """The slots, block sizes and tables `(kind, width)` for `positions` holding `held`.
+) -> tuple[tuple[Slot | None, ...], tuple[tuple[int, int], ...]]:
+    """The slots and blocks `(rows of schedule numbers, width)` for `positions` holding `held`.
 
     Args:
       positions: each position as `_positions` gives it (None: frozen).
@@ -274,10 +281,10 @@ def plan_slots(
         kinds.append((shape, kind, 0 if numbers is None else len(numbers)))
     lengths = [None if k is None else int(np.prod(k[0], dtype=np.int64)) for k in kinds]
     sizes, places = layout(lengths)
-    # A kind's numbers in tables of BLOCK columns (for the reason the constants are in blocks:
-    # each position reads one of BLOCK offsets); a stack's BLOCK layers or more: a table of its own.
-    tables: list[list[Any]] = []  # [kind, width, used]
-    open_table: dict[Any, int] = {}
+    # Each kind of schedule present in a block gets rows of its own in it, below the constants:
+    # a position reads its numbers at its own columns (one of BLOCK offsets, as its constant).
+    kind_rows: list[dict[Any, int]] = [{} for _ in sizes]
+    extra = [0] * len(sizes)
     slots = []
     for position, k, (block, start) in zip(positions, kinds, places, strict=True):
         if k is None:
@@ -285,21 +292,14 @@ def plan_slots(
             continue
         shape, kind, numbers = k
         rows, total = position or (None, 0)
-        table, column = -1, 0
+        row = 0
         if numbers:
-            n = int(np.prod(shape, dtype=np.int64))
-            table = open_table.get(kind, -1)
-            if n >= BLOCK:
-                tables.append([kind, n, n])
-                table = len(tables) - 1
-            elif table < 0 or tables[table][2] + n > BLOCK:
-                tables.append([kind, BLOCK, 0])
-                table = open_table[kind] = len(tables) - 1
-            column = tables[table][2] if n < BLOCK else 0
-            if n < BLOCK:
-                tables[table][2] += n
-        slots.append(Slot(block, start, shape, rows, total, kind, numbers, table, column))
-    return tuple(slots), tuple(sizes), tuple((kind, width) for kind, width, _ in tables)
+            if kind not in kind_rows[block]:
+                kind_rows[block][kind] = 1 + extra[block]
+                extra[block] += numbers
+            row = kind_rows[block][kind]
+        slots.append(Slot(block, start, shape, rows, total, kind, numbers, row))
+    return tuple(slots), tuple(zip(extra, sizes, strict=True))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -315,9 +315,9 @@ class MultSpec:
       rate: the base rate this multiplier scales (the chain's learning rate for `lr_mult`, its
         weight decay for `wd_mult`), a number or schedule, for `explain`; None when unknown.
       slots: each position's `Slot` in the blocks (None where the position is frozen).
-      blocks: the size of each block.
+      blocks: each block's `(rows of schedule numbers, width)`: `(width,)` float32 without
+        schedules, `(1 + rows, width)` with.
       positions: each position's rows and total (a group of layers) or None, to re-plan slots.
-      tables: `(kind, width)` of each schedule kind's table of numbers.
     """
 
     attr: str
@@ -327,9 +327,8 @@ class MultSpec:
     binding: Binding | None = None
     rate: Any = None
     slots: tuple[Slot | None, ...] = ()
-    blocks: tuple[int, ...] = ()
+    blocks: tuple[tuple[int, int], ...] = ()
     positions: tuple[Any, ...] = ()
-    tables: tuple[tuple[Any, int], ...] = ()
 
     def leaves_for(self, param_dict: Mapping[str, Any] | None) -> list[Leaf]:
         """The leaves as `param_dict` indexes them (a ParamDict's order is the one users count)."""
@@ -341,36 +340,45 @@ class MultSpec:
         )
 
     def pack(self, held: list[Any]) -> list[np.ndarray]:
-        """The blocks (padding: 1.0), then the tables, holding each position's multiplier."""
-        blocks = [np.ones(n, np.float32) for n in self.blocks]
-        tables = [np.zeros((len(kind.NUMBERS), width), np.float32) for kind, width in self.tables]
+        """The blocks holding each position's multiplier (padding: 1.0, numbers 0.0)."""
+        blocks = []
+        for rows, width in self.blocks:
+            block = np.zeros((1 + rows, width), np.float32)
+            block[0] = 1.0
+            blocks.append(block if rows else block[0])
         for slot, h in zip(self.slots, held, strict=True):
             if slot is None:
                 continue
             constant, _, numbers = _parts(h, slot.shape)
-            blocks[slot.block][slot.start : slot.start + slot.size] = np.reshape(constant, -1)
+            block, columns = blocks[slot.block], slice(slot.start, slot.start + slot.size)
+            (block if block.ndim == 1 else block[0])[columns] = np.reshape(constant, -1)
             if numbers is not None:
-                columns = slice(slot.column, slot.column + slot.size)
-                tables[slot.table][:, columns] = np.reshape(numbers, (slot.numbers, -1))
-        return blocks + tables
+                rows = slice(slot.row, slot.row + slot.numbers)
+                block[rows, columns] = np.reshape(numbers, (slot.numbers, -1))
+        return blocks
 
-    def evaluate(self, values: list[Any], t: jax.Array) -> tuple[list[Any], list[Any]]:
-        """`(blocks, each table's kind evaluated at step t)` of a state's arrays."""
-        blocks, tables = values[: len(self.blocks)], values[len(self.blocks) :]
-        evaluated = [
-            kind.formula(t, [table[i] for i in range(len(kind.NUMBERS))])
-            for (kind, _), table in zip(self.tables, tables, strict=True)
-        ]
-        return blocks, evaluated
+    def evaluate(self, values: list[Any], t: jax.Array) -> tuple[list[Any], dict]:
+        """`(each block's constants, (block, row) -> that row's kind evaluated at step t)`.
+
+        Each kind is evaluated once per block, over all its columns (as one vector op).
+        """
+        evaluated = {}
+        for slot in self.slots:
+            if slot is None or not slot.numbers or (slot.block, slot.row) in evaluated:
+                continue
+            block = values[slot.block]
+            numbers = [_row(block, slot.row + i) for i in range(slot.numbers)]
+            evaluated[slot.block, slot.row] = slot.kind.formula(t, numbers)
+        return [_row(block, 0) for block in values], evaluated
 
     def unpack(self, values: list[np.ndarray], t: int) -> list[np.ndarray | None]:
         """Each position's multiplier at step `t`, on the host (None where frozen)."""
         tt = jnp.asarray(t, jnp.float32)
-        blocks, evaluated = self.evaluate([jnp.asarray(v) for v in values], tt)
+        constants, evaluated = self.evaluate([jnp.asarray(v) for v in values], tt)
         return [
             None
             if slot is None
-            else np.asarray(slot.value(blocks, evaluated, tt), np.float32).reshape(slot.shape)
+            else np.asarray(slot.value(constants, evaluated, tt), np.float32).reshape(slot.shape)
             for slot in self.slots
         ]
 
@@ -465,10 +473,10 @@ class MultState:
         lookup.warn_shadowed(spec.attr, overrides, leaves, param_dict)
         values = lookup.multiplier_values(spec.attr, leaves, param_dict, overrides)
         held = _held(spec.positions, values)
-        slots, sizes, tables = plan_slots(spec.positions, held)
+        slots, blocks = plan_slots(spec.positions, held)
         arrays, treedef = jax.tree.flatten(self.values)
-        if slots != spec.slots or tables != spec.tables:
-            new_spec = dataclasses.replace(spec, slots=slots, blocks=sizes, tables=tables)
+        if slots != spec.slots or blocks != spec.blocks:
+            new_spec = dataclasses.replace(spec, slots=slots, blocks=blocks)
             ref = arrays[0] if arrays else None
             return MultState(_placed(new_spec.pack(held), ref), new_spec)
         new = spec.pack(held)
@@ -547,7 +555,7 @@ def _multiplier_init(
         values = lookup.multiplier_values(attr, leaves, param_dict, overrides)
         positions = _positions(flat)
         held = _held(positions, values)
-        slots, sizes, tables = plan_slots(positions, held)
+        slots, blocks = plan_slots(positions, held)
         spec = MultSpec(
             attr,
             tuple(leaves),
@@ -556,9 +564,8 @@ def _multiplier_init(
             bind(tuple(leaves)),
             rate if isinstance(rate, float | int) or callable(rate) else None,
             slots,
-            sizes,
+            blocks,
             positions,
-            tables,
         )
         return MultState(_placed(spec.pack(held), _reference(params)), spec)
 
@@ -570,12 +577,12 @@ def _scaled(
 ) -> Any:
     """`fn(x, m)` for each position `x` of `tree` that holds a slot.
 
-    `m` is the position's multiplier times `rate` (a scalar, applied to the blocks once, not to
-    each leaf), spread to `x`'s shape.
+    `m` is the position's multiplier times `rate` (a scalar, applied to the blocks' constants
+    once, not to each leaf), spread to `x`'s shape.
     """
-    blocks, evaluated = spec.evaluate(values, t)
+    constants, evaluated = spec.evaluate(values, t)
     if not (isinstance(rate, (int, float)) and rate == 1.0):
-        blocks = [b * rate for b in blocks]
+        constants = [c * rate for c in constants]
     flat, treedef = flatten(tree)
     out = []
     for x, slot in zip(flat, spec.slots, strict=True):
@@ -583,7 +590,7 @@ def _scaled(
             out.append(x)
             continue
         value = x.value if isinstance(x, Rows) else x
-        m = _spread(slot.value(blocks, evaluated, t), slot.shape, value)
+        m = _spread(slot.value(constants, evaluated, t), slot.shape, value)
         out.append(Rows(fn(value, m), x.rows, x.total) if isinstance(x, Rows) else fn(value, m))
     return treedef.unflatten(out)
 

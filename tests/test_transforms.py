@@ -222,3 +222,36 @@ def test_multipliers_are_float32_blocks_and_updates_keep_dtype():
     assert (float(values["f"]), float(values["h"])) == (1.0, 0.5)
     u, _ = tx.update(jax.tree.map(jnp.ones_like, params), state, params)
     assert u["h"].dtype == jnp.bfloat16 and u["f"].dtype == jnp.float16
+
+
+def test_schedule_numbers_share_their_block_and_cost_no_buffer():
+    # Three leaves in one block: a constant, a linear warmup and a cosine. The warmup's four
+    # numbers and the cosine's five sit in rows below the constants, in the leaves' own columns.
+    params = {"a": jnp.ones(2), "b": jnp.ones(2), "c": jnp.ones(2)}
+    pd = ParamDict.from_pytree(params)
+    pd["a"].lr_mult = 0.5
+    pd["b"].lr_mult = lrmult.schedules.linear_warmup(2.0, 4)
+    pd["c"].lr_mult = lrmult.schedules.cosine(1.0, decay_steps=10, end=0.0)
+    tx = lrmult.sgd(1.0, param_dict=pd)
+    state = tx.init(params)
+    (mults,) = [m for _, m in find(state, MultState) if m.spec.attr == "lr_mult"]
+    (block,) = mults.values
+    assert block.shape == (1 + 4 + 5, lrmult.transforms.BLOCK)
+    assert np.asarray(block)[0, :3].tolist() == [0.5, 1.0, 1.0]  # constants; helpers scale 1.0
+    # SGD, lr 1, gradient 1: each step moves a leaf by its multiplier at that step.
+    # b: 2 * min(1, t / 4); c: cos decay 0.5 * (1 + cos(pi * t / 10)).
+    step = jax.jit(tx.update)
+    ones = jax.tree.map(jnp.ones_like, params)
+    for t in range(3):
+        u, state = step(ones, state, params)
+        expected_c = 0.5 * (1 + np.cos(np.pi * t / 10))
+        np.testing.assert_allclose(
+            [float(u["a"][0]), float(u["b"][0]), float(u["c"][0])],
+            [-0.5, -2.0 * t / 4, -expected_c],
+            rtol=1e-6,
+        )
+    # Same shapes after a change of the helpers' numbers: the same compiled step.
+    pd["b"].lr_mult = lrmult.schedules.linear_warmup(3.0, 8)
+    u, state = step(ones, state, params)
+    assert float(u["b"][0]) == pytest.approx(-3.0 * 3 / 8)
+    assert step._cache_size() == 1
