@@ -15,6 +15,7 @@ from pathlib import Path
 import first_call
 import frozen
 import harness as h
+import layouts
 import recompiles
 import scaling
 import schedules
@@ -22,7 +23,7 @@ import stacked
 import step_overhead
 
 HERE = Path(__file__).resolve().parent
-BENCHMARKS = (step_overhead, scaling, recompiles, frozen, stacked, schedules, first_call)
+BENCHMARKS = (step_overhead, scaling, recompiles, frozen, stacked, schedules, first_call, layouts)
 
 
 def main(argv=None) -> int:
