@@ -133,7 +133,9 @@ class TrainerRunner:
         return self.trainer.opt_state
 
     def __call__(self) -> Any:
-        return self.trainer.train_step(self.loss_fn, *self.batch), self.trainer.opt_state
+        # The loss comes out of the same compiled step as the new state: waiting for it waits
+        # for the step (reading `opt_state` every step would time a join users rarely ask for).
+        return self.trainer.train_step(self.loss_fn, *self.batch)
 
     def input_buffers(self) -> int:
         """Arrays the Trainer's step is handed: parameters, optimizer state, batch (its jitted

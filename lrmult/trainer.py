@@ -261,6 +261,7 @@ class Trainer:
         self._agenda.adopt(self._plist, 0)
         self._follow_plans()
         self._check_trainable_dtypes()
+        self._parts: tuple[Any, list[Any], tuple] | None = None
         self._opt_state = self._init_state()
         self._log.clear()
         self._dirty = False
@@ -345,6 +346,29 @@ class Trainer:
     def opt_state(self) -> Any:
         """The optimizer state pytree (frozen parameters hold no state in it)."""
         return self._opt_state
+
+    @property
+    def _opt_state(self) -> Any:
+        # Kept as the step hands it over, `(outer, rest, mults)`, and joined into a tree only
+        # when read: a step then spends no Python per node of the state (a flatten with an
+        # is_leaf test, an unflatten: ~40 us a step at 20 leaves).
+        if self._state is None:
+            self._state = _join_state(*self._parts)
+        return self._state
+
+    @_opt_state.setter
+    def _opt_state(self, state: Any) -> None:
+        self._state, self._parts = state, None
+
+    def _split(self) -> tuple[Any, list[Any], tuple]:
+        """The state as `(outer, rest, mults)` (see `_split_state`), split once per new state."""
+        if self._parts is None:
+            self._parts = _split_state(self._state)
+        return self._parts
+
+    def _stepped(self, outer: Any, rest: list[Any], mults: tuple) -> None:
+        """Take the state a step handed back (its tree is joined when next read)."""
+        self._state, self._parts = None, (outer, rest, mults)
 
     @property
     def num_update(self) -> int:
@@ -824,12 +848,12 @@ class Trainer:
         trainable, frozen = self._gather()
         g = {n: (flat[n] if n in flat else optax.MaskedNode()) for n in self._names}
         g = {n: (optax.MaskedNode() if is_masked(trainable[n]) else v) for n, v in g.items()}
-        outer, rest, mults = _split_state(self._opt_state)
+        outer, rest, mults = self._split()
         new, rest, finite = self._apply_fn(
             trainable, rest, mults, g, jnp.float32(1.0 / batch_size), outer=outer
         )
         _refuse_tracers("step", _one_output(new))
-        self._opt_state = _join_state(outer, rest, mults)
+        self._stepped(outer, rest, mults)
         self._write_back(new, frozen)
         self._raise_if_not_finite(finite)
         self._log.steps += 1
@@ -901,10 +925,10 @@ class Trainer:
         self._follow_plans()
         self._sync()
         trainable, frozen = self._gather()
-        outer, rest, mults = _split_state(self._opt_state)
+        outer, rest, mults = self._split()
         new, rest, finite, out = fn(trainable, frozen, rest, mults, args, outer=outer)
         _refuse_tracers("train_step", out)  # a jit around us with no traced argument
-        self._opt_state = _join_state(outer, rest, mults)
+        self._stepped(outer, rest, mults)
         self._write_back(new, frozen)
         self._raise_if_not_finite(finite)
         self._log.steps += 1

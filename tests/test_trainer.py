@@ -453,3 +453,24 @@ def test_write_back_follows_shared_outputs_and_tells_new_owners():
     np.testing.assert_array_equal(frozen_v, [-6.0])
     np.testing.assert_array_equal(pd["w"].data(), [-29.0, -29.0])
     np.testing.assert_array_equal(pd["v"].data(), [-7.0])
+
+
+def test_opt_state_read_between_steps_is_the_stepped_state():
+    # SGD, lr 0.1, momentum 0.9 on loss w**2 / 2 (gradient w), w0 = 1, by hand:
+    # step 1: trace 1, w 0.9; step 2: trace 0.9 + 0.9 = 1.8, w 0.72;
+    # step 3: trace 0.9 * 1.8 + 0.72 = 2.34, w 0.72 - 0.234 = 0.486.
+    pd = lrmult.ParamDict.from_pytree({"w": jnp.array(1.0)})
+    trainer = lrmult.Trainer(pd, "sgd", {"learning_rate": 0.1, "momentum": 0.9})
+
+    def loss(tree):
+        return tree["w"] ** 2 / 2
+
+    trainer.train_step(loss)
+    trainer.train_step(loss)
+    state = trainer.opt_state
+    assert trainer.opt_state is state  # read twice, joined once
+    traces = [x for x in jax.tree.leaves(state) if x.dtype == jnp.float32 and x.shape == ()]
+    assert any(abs(float(x) - 1.8) < 1e-6 for x in traces), traces
+    assert float(pd["w"].data()) == pytest.approx(0.72)
+    trainer.train_step(loss)
+    assert float(pd["w"].data()) == pytest.approx(0.486)
