@@ -261,8 +261,7 @@ class Trainer:
         self._agenda.adopt(self._plist, 0)
         self._follow_plans()
         self._check_trainable_dtypes()
-        self._parts: tuple[Any, list[Any], tuple] | None = None
-        self._opt_state = self._init_state()
+        self._opt_state = self._init_state()  # sets _state, and _parts to None
         self._log.clear()
         self._dirty = False
         self._train_fns: dict[Any, Callable] = {}
