@@ -26,7 +26,7 @@ def multipliers(params, scheduled: bool) -> lrmult.ParamDict:
 
 
 def run(quick: bool) -> h.Report:
-    leaves, rounds, first_rounds = (8, 3, 0) if quick else (200, 12, 2)  # quick: no first calls
+    leaves, rounds, first_rounds = (8, 3, 0) if quick else (200, 40, 2)  # quick: no first calls
     model = h.MLP(leaves, 32, 16, False)
     params, batch = model.init(), model.batch_data()
     opts = {"learning_rate": h.LR, "wd": h.WD}

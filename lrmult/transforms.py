@@ -171,6 +171,18 @@ def _pieces(vector: jax.Array, cuts: list[tuple[int, int]]) -> dict[int, jax.Arr
     return {start: parts[i] for start, i in ends.items()}
 
 
+def _materialized(v: jax.Array) -> jax.Array:
+    """`v`, computed once into a buffer of its own instead of inside every leaf's kernel.
+
+    XLA fuses a cheap producer into each of its consumers: a schedule's formula over a block
+    would be recomputed for every element of every leaf that reads it, and the first call
+    compiles it into every leaf's kernel. A divide is an expensive op XLA does not duplicate,
+    so `v / 1` stays one small kernel per block; the 1 is `|v| * 0 + 1`, which XLA cannot
+    fold away (`x * 0` is not 0 for floats). Exact for finite `v`.
+    """
+    return v / (jnp.abs(v) * 0.0 + 1.0)
+
+
 def _row(block: jax.Array, row: int) -> jax.Array:
     """Row `row` of a 2-D block (a 1-D block is its own row 0)."""
     if block.ndim == 1:
@@ -376,7 +388,9 @@ class MultSpec:
                     if slot.numbers:
                         block = values[slot.block]
                         numbers = [_row(block, slot.row + i) for i in range(slot.numbers)]
-                        vectors[key] = vectors[key] * slot.kind.formula(t, numbers)
+                        vectors[key] = _materialized(
+                            vectors[key] * slot.kind.formula(t, numbers)
+                        )
                 cuts.setdefault(key, []).append((slot.start, slot.size))
             keys.append(key)
         pieces = {key: _pieces(vectors[key], cut) for key, cut in cuts.items()}
@@ -390,7 +404,7 @@ class MultSpec:
                 f = jnp.asarray(slot.kind(t), jnp.float32)
                 if f.ndim and slot.rows is not None:
                     f = f.reshape(-1)[np.array(slot.rows)]
-                m = m * jnp.broadcast_to(f, slot.shape).reshape(-1)
+                m = _materialized(m * jnp.broadcast_to(f, slot.shape).reshape(-1))
             out.append(m)
         return out
 

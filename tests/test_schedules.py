@@ -129,6 +129,26 @@ def test_changing_a_helpers_numbers_never_recompiles(compiles):
     np.testing.assert_allclose(pd["b"].data(), 1 - 1 - 1 - 1 - 0.5)
 
 
+def test_a_helpers_formula_runs_once_per_block_not_in_every_leafs_kernel():
+    # 16 leaves with warmups fill 2 blocks. Each evaluation of linear_warmup compares twice
+    # (t < start, steps > 0); fused into the leaves' kernels it would compare 32 times. The
+    # values, by hand, at t = 0 and t = 1: m * (t + 1 - 1) / w, then m * 1 / w.
+    params = {f"p{i:02d}": jnp.ones((4, 4)) for i in range(16)}
+    pd = lrmult.ParamDict.from_pytree(params)
+    for i, p in enumerate(pd.values()):
+        p.lr_mult = schedules.linear_warmup(1.0 + i, 2 + i)
+    tx = lrmult.sgd(1.0, param_dict=pd)
+    grads = {k: jnp.ones((4, 4)) for k in params}
+    update = jax.jit(tx.update)
+    state = tx.init(params)
+    hlo = update.lower(grads, state, params).compile().as_text()
+    assert 0 < hlo.count(" compare(") <= 2 * 2 + 2  # per block, and the step counts
+    (u0, state), i = update(grads, state, params), np.arange(16)
+    u1, _ = update(grads, state, params)
+    got = np.array([[float(u[f"p{k:02d}"][0, 0]) for k in i] for u in (u0, u1)])
+    np.testing.assert_allclose(got, -np.stack([0 * i, (1.0 + i) / (2 + i)]), rtol=1e-6)
+
+
 def test_a_new_schedule_function_compiles_once_per_distinct_set(compiles):
     pd = lrmult.ParamDict.from_pytree({"a": jnp.ones(2)})
     trainer = lrmult.Trainer(pd, "sgd", {"learning_rate": 1.0})
