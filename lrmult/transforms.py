@@ -388,9 +388,7 @@ class MultSpec:
                     if slot.numbers:
                         block = values[slot.block]
                         numbers = [_row(block, slot.row + i) for i in range(slot.numbers)]
-                        vectors[key] = _materialized(
-                            vectors[key] * slot.kind.formula(t, numbers)
-                        )
+                        vectors[key] = _materialized(vectors[key] * slot.kind.formula(t, numbers))
                 cuts.setdefault(key, []).append((slot.start, slot.size))
             keys.append(key)
         pieces = {key: _pieces(vectors[key], cut) for key, cut in cuts.items()}
