@@ -169,6 +169,46 @@ def decay_constants(rates: Sequence[float]) -> optax.GradientTransformation:
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
+def blocks_of(numbers: Sequence[float], width: int = 8) -> list[jax.Array]:
+    """`numbers` in f32[width] buffers (padding 1.0): the layout lrmult's state uses."""
+    padded = np.ones(-(-len(numbers) // width) * width, np.float32)
+    padded[: len(numbers)] = numbers
+    return [jnp.asarray(b) for b in padded.reshape(-1, width)]
+
+
+def block_read(blocks: Sequence[jax.Array], i: int) -> jax.Array:
+    """Number `i` of `blocks_of(...)`, as a static slice of its block (f32[])."""
+    width = blocks[0].shape[0]
+    at = i % width
+    return jax.lax.reshape(jax.lax.slice(blocks[i // width], (at,), (at + 1,)), ())
+
+
+def runtime_constants(factors: Sequence[float]) -> optax.GradientTransformation:
+    """`constants`, each number read at run time from blocks of 8 in the state.
+
+    The cheapest hand-written multiplier that a new number does not recompile: lrmult's layout
+    without its machinery (lookup, tracking, schedules, freezing), to measure that machinery.
+    """
+
+    def update(updates, state, params=None):
+        leaves, treedef = jax.tree.flatten(updates)
+        return treedef.unflatten([u * block_read(state, i) for i, u in enumerate(leaves)]), state
+
+    return optax.GradientTransformation(lambda params: blocks_of(factors), update)
+
+
+def runtime_decay(rates: Sequence[float]) -> optax.GradientTransformation:
+    """`decay_constants`, each rate read at run time from blocks of 8 (see `runtime_constants`)."""
+
+    def update(updates, state, params):
+        leaves, treedef = jax.tree.flatten(updates)
+        pairs = enumerate(zip(leaves, jax.tree.leaves(params), strict=True))
+        out = [u + block_read(state, i) * p for i, (u, p) in pairs]
+        return treedef.unflatten(out), state
+
+    return optax.GradientTransformation(lambda params: blocks_of(rates), update)
+
+
 def tree_bytes(tree: Any, min_size: int = 0) -> int:
     """Bytes of the arrays of `tree` with more than `min_size` entries (shape metadata only)."""
     return sum(

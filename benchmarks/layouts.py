@@ -27,16 +27,13 @@ import optax
 
 def multiplied(layout: str, factors: np.ndarray) -> optax.GradientTransformation:
     """Each leaf's update times its factor, the factors held as `layout` says."""
-    n = len(factors)
     block = int(layout[1:]) if layout.startswith("B") else 0
 
     def init(params):
         if layout == "scalar":
             return [jnp.asarray(f) for f in factors]
         if block:
-            padded = np.ones(-(-n // block) * block, np.float32)
-            padded[:n] = factors
-            return [jnp.asarray(b) for b in padded.reshape(-1, block)]
+            return h.blocks_of(factors, block)
         if layout == "vector":
             return jnp.asarray(factors)
         return optax.EmptyState()
@@ -48,8 +45,7 @@ def multiplied(layout: str, factors: np.ndarray) -> optax.GradientTransformation
             return state[i]
         if layout == "vector":
             return jax.lax.reshape(jax.lax.slice(state, (i,), (i + 1,)), ())
-        at = i % block
-        return jax.lax.reshape(jax.lax.slice(state[i // block], (at,), (at + 1,)), ())
+        return h.block_read(state, i)
 
     def update(updates, state, params=None):
         leaves, treedef = jax.tree.flatten(updates)
