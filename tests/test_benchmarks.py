@@ -49,3 +49,35 @@ def test_quick_benchmarks_meet_their_deterministic_targets(tmp_path):
         "## Machine",
     ):
         assert title in tables
+
+
+def test_the_floors_step_exactly_as_the_chain_they_are_compared_with():
+    """Benchmarks 1 and 7 compare like with like: the floor (numbers baked in), the runtime
+    floor (numbers read from blocks of 8) and lrmult's chain take the same steps, bit for bit,
+    and the multipliers act (the plain optax step differs)."""
+    sys.path.insert(0, str(Path("benchmarks").resolve()))
+    try:
+        import harness as h
+        import numpy as np
+        import step_overhead as so
+    finally:
+        sys.path.pop(0)
+    model = h.MLP(10, 8, 4, False)
+    params, batch = model.init(), model.batch_data()
+    for opt, (plain, chain, _, floor) in so.RECIPES.items():
+        runners = {
+            "optax": h.OptaxRunner(plain(), params, batch),
+            "floor": h.OptaxRunner(floor(*so.half_numbers(params)), params, batch),
+            "runtime floor": h.OptaxRunner(so.runtime_floor(floor, params), params, batch),
+            "chain": h.OptaxRunner(chain(so.half_set(params)), params, batch),
+        }
+        for _ in range(3):
+            for r in runners.values():
+                r()
+        got = {
+            k: np.concatenate([np.ravel(x) for x in r.params["layers"][0].values()])
+            for k, r in runners.items()
+        }
+        np.testing.assert_array_equal(got["runtime floor"], got["floor"], err_msg=opt)
+        np.testing.assert_array_equal(got["chain"], got["floor"], err_msg=opt)
+        assert np.abs(got["optax"] - got["floor"]).max() > 1e-6, opt
