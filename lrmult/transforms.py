@@ -171,30 +171,24 @@ def _pieces(vector: jax.Array, cuts: list[tuple[int, int]]) -> dict[int, jax.Arr
     return {start: parts[i] for start, i in ends.items()}
 
 
-def _materialized(v: jax.Array) -> jax.Array:
-    """`v`, computed once into a buffer of its own instead of inside every leaf's kernel.
+def _materialized(v: jax.Array, after: jax.Array | None = None) -> jax.Array:
+    """`v`, computed once into a buffer of its own, after `after`'s (if given) has been.
 
     XLA fuses a cheap producer into each of its consumers: a schedule's formula over a block
     would be recomputed for every element of every leaf that reads it, and the first call
     compiles it into every leaf's kernel. A divide is an expensive op XLA does not duplicate,
     so `v / 1` stays one small kernel per block; the 1 is `|v| * 0 + 1`, which XLA cannot
     fold away (`x * 0` is not 0 for floats). Exact for finite `v`.
+
+    Such kernels have no input in common but the step count; left independent, XLA:CPU's
+    thunk executor hands them to its worker threads, and the step then waits for the threads
+    (+5% at 200 leaves). `after`, the previous one, chains them: `v` gets an exact 0 read from
+    it, finite whatever `after` holds (one block's bad value stays in its block), and they run
+    one after another on the step's own thread.
     """
+    if after is not None:
+        v = v + 0.0 * jnp.nan_to_num(after[0], nan=0.0, posinf=0.0, neginf=0.0)
     return v / (jnp.abs(v) * 0.0 + 1.0)
-
-
-def _after(v: jax.Array, before: jax.Array | None) -> jax.Array:
-    """`v` plus an exact 0 read from `before`, so that `v`'s kernel runs after `before`'s.
-
-    The blocks' schedule kernels have no inputs in common but the step count; left
-    independent, XLA:CPU's thunk executor hands them to its worker threads, and the step then
-    waits for the threads (+5% at 200 leaves). Chained, they run one after another on the
-    step's own thread. The 0 is finite whatever `before` holds: one block's bad value stays in
-    its block.
-    """
-    if before is None:
-        return v
-    return v + 0.0 * jnp.nan_to_num(before[0], nan=0.0, posinf=0.0, neginf=0.0)
 
 
 def _row(block: jax.Array, row: int) -> jax.Array:
@@ -404,8 +398,8 @@ class MultSpec:
                 if slot.numbers:
                     block = values[slot.block]
                     numbers = [_row(block, slot.row + i) for i in range(slot.numbers)]
-                    values_now = _after(vectors[key] * slot.kind.formula(t, numbers), last)
-                    vectors[key] = last = _materialized(values_now)
+                    values_now = vectors[key] * slot.kind.formula(t, numbers)
+                    vectors[key] = last = _materialized(values_now, last)
             cuts.setdefault(key, []).append((slot.start, slot.size))
         pieces = {key: _pieces(vectors[key], cut) for key, cut in cuts.items()}
         out = []
@@ -418,7 +412,7 @@ class MultSpec:
                 f = jnp.asarray(slot.kind(t), jnp.float32)
                 if f.ndim and slot.rows is not None:
                     f = f.reshape(-1)[np.array(slot.rows)]
-                m = _materialized(m * jnp.broadcast_to(f, slot.shape).reshape(-1))
+                m = last = _materialized(m * jnp.broadcast_to(f, slot.shape).reshape(-1), last)
             out.append(m)
         return out
 
