@@ -183,8 +183,8 @@ def block_read(blocks: Sequence[jax.Array], i: int) -> jax.Array:
     return jax.lax.reshape(jax.lax.slice(blocks[i // width], (at,), (at + 1,)), ())
 
 
-def runtime_constants(factors: Sequence[float]) -> optax.GradientTransformation:
-    """`constants`, each number read at run time from blocks of 8 in the state.
+def runtime_constants(factors: Sequence[float], width: int = 8) -> optax.GradientTransformation:
+    """`constants`, each number read at run time from blocks of `width` in the state.
 
     The cheapest hand-written multiplier that a new number does not recompile: lrmult's layout
     without its machinery (lookup, tracking, schedules, freezing), to measure that machinery.
@@ -194,7 +194,7 @@ def runtime_constants(factors: Sequence[float]) -> optax.GradientTransformation:
         leaves, treedef = jax.tree.flatten(updates)
         return treedef.unflatten([u * block_read(state, i) for i, u in enumerate(leaves)]), state
 
-    return optax.GradientTransformation(lambda params: blocks_of(factors), update)
+    return optax.GradientTransformation(lambda params: blocks_of(factors, width), update)
 
 
 def runtime_decay(rates: Sequence[float]) -> optax.GradientTransformation:

@@ -27,25 +27,20 @@ import optax
 
 def multiplied(layout: str, factors: np.ndarray) -> optax.GradientTransformation:
     """Each leaf's update times its factor, the factors held as `layout` says."""
-    block = int(layout[1:]) if layout.startswith("B") else 0
+    if layout == "floor":
+        return h.constants([float(f) for f in factors])
+    if layout.startswith("B"):
+        return h.runtime_constants(factors, int(layout[1:]))
 
     def init(params):
         if layout == "scalar":
             return [jnp.asarray(f) for f in factors]
-        if block:
-            return h.blocks_of(factors, block)
-        if layout == "vector":
-            return jnp.asarray(factors)
-        return optax.EmptyState()
+        return jnp.asarray(factors)
 
     def read(state, i):
-        if layout == "floor":
-            return float(factors[i])
         if layout == "scalar":
             return state[i]
-        if layout == "vector":
-            return jax.lax.reshape(jax.lax.slice(state, (i,), (i + 1,)), ())
-        return h.block_read(state, i)
+        return jax.lax.reshape(jax.lax.slice(state, (i,), (i + 1,)), ())
 
     def update(updates, state, params=None):
         leaves, treedef = jax.tree.flatten(updates)
