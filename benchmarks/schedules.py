@@ -3,7 +3,9 @@
 AdamW on kernels 32² (batch 16); `constant`: `lr_mult = 0.5 ** (i % 4)` on every leaf;
 `warmup`: every leaf its own `lrmult.schedules.linear_warmup(0.5 ** (i % 4), 50 + i)` (its numbers
 are optimizer state: one compiled step for all of them); `A/A`: the constant runner's compiled
-step on buffers of its own. Hand-jitted donating steps (`chain`) and `Trainer.train_step`. First
+step on buffers of its own; `built apart`: the constant chain built last against the same built
+first (each variant is built twice in a mirrored order and its two builds' times averaged;
+`harness.mirrored`). Hand-jitted donating steps (`chain`) and `Trainer.train_step`. First
 call: `jax.clear_caches()`, a new runner, its first step (trace + compile + run).
 """
 
@@ -26,7 +28,7 @@ def multipliers(params, scheduled: bool) -> lrmult.ParamDict:
 
 
 def run(quick: bool) -> h.Report:
-    leaves, rounds, first_rounds = (8, 3, 0) if quick else (200, 40, 2)  # quick: no first calls
+    leaves, rounds, first_rounds = (8, 3, 0) if quick else (200, 60, 2)  # quick: no first calls
     model = h.MLP(leaves, 32, 16, False)
     params, batch = model.init(), model.batch_data()
     opts = {"learning_rate": h.LR, "wd": h.WD}
@@ -46,18 +48,27 @@ def run(quick: bool) -> h.Report:
         ),
         "Trainer warmup": lambda: h.TrainerRunner(multipliers(params, True), "adamw", opts, batch),
     }
-    runners = {k: b() for k, b in build.items()}
+    runners = h.mirrored(build)
     runners["A/A"] = runners["chain constant"].twin()
-    t = h.interleave(runners, rounds, 0.01 if quick else 0.04)
+    times = h.interleave(runners, rounds, 0.01 if quick else 0.04)
+    t = h.pooled(times, list(build))
     first = h.first_calls(build, first_rounds)
-    pairs = [
-        ("A/A", "chain constant", None),
-        ("chain warmup", "chain constant", "chain"),
-        ("Trainer warmup", "Trainer constant", "Trainer"),
+    first_built = times["chain constant"]
+    pairs = [  # (variant, its times, against, their times, first-call kind)
+        ("A/A", times["A/A"], "chain constant", first_built, None),
+        ("built apart", times["chain constant #2"], "chain constant", first_built, None),
+        ("chain warmup", t["chain warmup"], "chain constant", t["chain constant"], "chain"),
+        (
+            "Trainer warmup",
+            t["Trainer warmup"],
+            "Trainer constant",
+            t["Trainer constant"],
+            "Trainer",
+        ),
     ]
     rows = []
-    for k, base, kind in pairs:
-        row = [k, base, h.fmt_time(h.median(t[k])), *h.ratio(t[k], t[base])]
+    for k, tk, base, tb, kind in pairs:
+        row = [k, base, h.fmt_time(h.median(tk)), *h.ratio(tk, tb)]
         row += h.ratio(first[k], first[base], 2) if kind and first_rounds else ["", ""]
         rows.append(row)
     header = ["variant", "against", "step", "step med", "step min", "first call med", "… min"]
