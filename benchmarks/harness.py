@@ -253,23 +253,29 @@ def interleave(
     return out
 
 
-def mirrored(build: Mapping[str, Callable[[], Any]]) -> dict[str, Any]:
-    """Two runners of each variant, built in a mirrored order (A B … B A): `k` and `k #2`.
+def second(name: str) -> str:
+    """The name `mirrored` gives a variant's second build."""
+    return f"{name} #2"
 
-    In one process, a runner built later can step a few % slower than an identical one built
-    earlier (seen on XLA:CPU: up to 5% at 200 tiny leaves, more than an A/A on its own buffers
-    shows). Mirrored, every variant's two builds sit at the same mean position; `pooled` averages
-    them, and `k #2` against `k` of the first variant (built first and last) shows the effect.
+
+def mirrored(build: Mapping[str, Callable[[], Any]]) -> dict[str, Any]:
+    """Two runners of each variant, built in a mirrored order (A B … B A): `k` and `second(k)`.
+
+    In one process, a runner built later can step slower than an identical one built earlier
+    (seen on XLA:CPU at 200 tiny leaves: the 4th build of a chain 1.05–1.14× of the 1st, where
+    an A/A on its own buffers showed 0.93–1.03×). Mirrored, every variant's two builds sit at
+    the same mean position; `pooled` averages them, and the first variant's second build
+    against its first (built last and first) shows the effect.
     """
     names = list(build)
     runners = {k: build[k]() for k in names}
-    runners.update({f"{k} #2": build[k]() for k in reversed(names)})
+    runners.update({second(k): build[k]() for k in reversed(names)})
     return runners
 
 
 def pooled(times: Mapping[str, np.ndarray], names: Sequence[str]) -> dict[str, np.ndarray]:
     """Each variant's seconds per step in each round: the mean of its two (`mirrored`) builds."""
-    return {k: (np.asarray(times[k]) + np.asarray(times[f"{k} #2"])) / 2 for k in names}
+    return {k: (np.asarray(times[k]) + np.asarray(times[second(k)])) / 2 for k in names}
 
 
 def first_calls(build: Mapping[str, Callable[[], Any]], rounds: int) -> dict[str, list[float]]:

@@ -51,25 +51,24 @@ def run(quick: bool) -> h.Report:
     runners = h.mirrored(build)
     runners["A/A"] = runners["chain constant"].twin()
     times = h.interleave(runners, rounds, 0.01 if quick else 0.04)
-    t = h.pooled(times, list(build))
+    first_built = "chain constant (built first)"
+    t = {
+        **h.pooled(times, list(build)),
+        "A/A": times["A/A"],
+        "built apart": times[h.second("chain constant")],
+        first_built: times["chain constant"],
+    }
     first = h.first_calls(build, first_rounds)
-    first_built = times["chain constant"]
-    pairs = [  # (variant, its times, against, their times, first-call kind)
-        ("A/A", times["A/A"], "chain constant", first_built, None),
-        ("built apart", times["chain constant #2"], "chain constant", first_built, None),
-        ("chain warmup", t["chain warmup"], "chain constant", t["chain constant"], "chain"),
-        (
-            "Trainer warmup",
-            t["Trainer warmup"],
-            "Trainer constant",
-            t["Trainer constant"],
-            "Trainer",
-        ),
+    pairs = [
+        ("A/A", first_built, False),
+        ("built apart", first_built, False),
+        ("chain warmup", "chain constant", True),
+        ("Trainer warmup", "Trainer constant", True),
     ]
     rows = []
-    for k, tk, base, tb, kind in pairs:
-        row = [k, base, h.fmt_time(h.median(tk)), *h.ratio(tk, tb)]
-        row += h.ratio(first[k], first[base], 2) if kind and first_rounds else ["", ""]
+    for k, base, first_call in pairs:
+        row = [k, base, h.fmt_time(h.median(t[k])), *h.ratio(t[k], t[base])]
+        row += h.ratio(first[k], first[base], 2) if first_call and first_rounds else ["", ""]
         rows.append(row)
     header = ["variant", "against", "step", "step med", "step min", "first call med", "… min"]
     note = f"{leaves} leaves, {rounds} step-timing rounds, {first_rounds} first-call round(s)."
