@@ -30,6 +30,11 @@ class Schedule:
     NUMBERS: ClassVar[tuple[str, ...]] = ()
     # Numbers that are step counts (>= 0), not values to scale.
     STEPS: ClassVar[tuple[str, ...]] = ()
+    # Whether `formula` is made only of ops XLA copies into each consumer (add, multiply,
+    # compare, select, floor, cos; not divide, power, exp, log or sqrt): its evaluation is then
+    # inlined into the kernel of each leaf that reads it, at no kernel of its own. Reciprocals
+    # come from `derived`, computed on the host with the numbers.
+    INLINE: ClassVar[bool] = False
 
     def __init__(self, clock: str = "global", **numbers: Any) -> None:
         if clock not in ("global", "own"):
@@ -51,27 +56,32 @@ class Schedule:
         return dict(self._numbers)
 
     def stacked(self, shape: tuple[int, ...]) -> np.ndarray:
-        """The numbers as a float32 array of shape `(len(NUMBERS), *shape)`."""
+        """The numbers, then the `derived` rows, as float32 `(len(NUMBERS) + k, *shape)`."""
+        numbers = self._numbers.values()
         try:
-            return np.stack(
-                [np.broadcast_to(np.asarray(v, np.float32), shape) for v in self._numbers.values()]
-            )
+            rows = [np.broadcast_to(np.asarray(v, np.float32), shape) for v in numbers]
         except ValueError:
             raise ValueError(
                 f"{self!r}: its numbers must be scalars or arrays of shape {shape} (the stacked "
                 f"layers of the parameter)"
             ) from None
+        return np.stack(rows + [np.asarray(r, np.float32) for r in self.derived(*rows)])
+
+    @staticmethod
+    def derived(*n: np.ndarray) -> list[np.ndarray]:
+        """Rows `formula` reads after the numbers, from them (float32), e.g. reciprocals."""
+        return []
 
     @staticmethod
     def formula(t: Any, n: Any) -> Any:
-        """The value at step `t` from the numbers `n` (`n[i]`: the i-th of `NUMBERS`)."""
+        """The value at step `t` from the rows `n`: the `NUMBERS` in order, then `derived`."""
         raise NotImplementedError
 
     def __call__(self, step: Any) -> Any:
         """The value at `step` (works on the host and inside jit)."""
         t = jnp.asarray(step, jnp.float32)
-        n = [jnp.asarray(v, jnp.float32) for v in self._numbers.values()]
-        return type(self).formula(t, n)
+        shape = np.broadcast_shapes(*(np.shape(v) for v in self._numbers.values()))
+        return type(self).formula(t, list(jnp.asarray(self.stacked(shape))))
 
     def __mul__(self, factor: Any) -> Schedule:
         if isinstance(factor, Schedule) or callable(factor):
@@ -121,8 +131,14 @@ def _clip01(x: Any) -> Any:
     return jnp.clip(x, 0.0, 1.0)
 
 
+def _inverse(x: np.ndarray) -> np.ndarray:
+    """`1 / max(x, 1)` in float32 (a step count's reciprocal, for formulas without a divide)."""
+    return np.float32(1.0) / np.maximum(x, np.float32(1.0))
+
+
 class _Constant(Schedule):
     NUMBERS = ("value",)
+    INLINE = True
 
     @staticmethod
     def formula(t, n):
@@ -132,24 +148,36 @@ class _Constant(Schedule):
 class _LinearWarmup(Schedule):
     NUMBERS = ("peak", "init", "steps", "start")
     STEPS = ("steps", "start")
+    INLINE = True
+
+    @staticmethod
+    def derived(peak, init, steps, start):
+        return [_inverse(steps)]
 
     @staticmethod
     def formula(t, n):
-        peak, init, steps, start = n
-        frac = jnp.where(steps > 0, _clip01((t - start) / jnp.maximum(steps, 1.0)), 1.0)
-        return jnp.where(t < start, 0.0, init + (peak - init) * frac)
+        peak, init, steps, start, inv_steps = n
+        s = t - start
+        frac = jnp.where(s >= steps, 1.0, s * inv_steps)  # exactly 1 from the end on
+        return jnp.where(s < 0, 0.0, init + (peak - init) * frac)
 
 
 class _Cosine(Schedule):
     NUMBERS = ("peak", "end", "warmup", "decay_steps", "start")
     STEPS = ("warmup", "decay_steps", "start")
+    INLINE = True
+
+    @staticmethod
+    def derived(peak, end, warmup, decay, start):
+        return [_inverse(warmup), _inverse(decay)]
 
     @staticmethod
     def formula(t, n):
-        peak, end, warmup, decay, start = n
+        peak, end, warmup, decay, start, inv_warmup, inv_decay = n
         s = t - start
-        up = jnp.where(warmup > 0, _clip01(s / jnp.maximum(warmup, 1.0)), 1.0)
-        frac = _clip01((s - warmup) / jnp.maximum(decay, 1.0))
+        up = jnp.where(s >= warmup, 1.0, s * inv_warmup)
+        d = s - warmup
+        frac = jnp.where(d >= decay, 1.0, _clip01(d * inv_decay))
         down = end + (peak - end) * 0.5 * (1.0 + jnp.cos(jnp.pi * frac))
         return jnp.where(s < 0, 0.0, jnp.where(s < warmup, peak * up, down))
 
@@ -175,13 +203,21 @@ class _SlantedTriangular(Schedule):
     NUMBERS = ("peak", "total", "cut_frac", "ratio", "start")
     STEPS = ("total", "cut_frac", "ratio", "start")
 
+    INLINE = True
+
+    @staticmethod
+    def derived(peak, total, cut_frac, ratio, start):
+        cut = np.maximum(np.floor(total * cut_frac), np.float32(1.0))
+        down = np.maximum(cut * (np.float32(1.0) / cut_frac - np.float32(1.0)), np.float32(1.0))
+        return [cut, down, np.float32(1.0) / cut, np.float32(1.0) / down, np.float32(1.0) / ratio]
+
     @staticmethod
     def formula(t, n):
-        peak, total, cut_frac, ratio, start = n
+        peak, total, cut_frac, ratio, start, cut, down, inv_cut, inv_down, inv_ratio = n
         s = jnp.maximum(t - start, 0.0)
-        cut = jnp.maximum(jnp.floor(total * cut_frac), 1.0)
-        p = jnp.where(s < cut, s / cut, 1.0 - (s - cut) / jnp.maximum(cut * (1 / cut_frac - 1), 1))
-        return peak * (1.0 + _clip01(p) * (ratio - 1.0)) / ratio
+        d = s - cut
+        p = jnp.where(s < cut, s * inv_cut, jnp.where(d >= down, 0.0, 1.0 - d * inv_down))
+        return peak * (1.0 + _clip01(p) * (ratio - 1.0)) * inv_ratio
 
 
 _NAMES = {

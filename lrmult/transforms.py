@@ -174,11 +174,12 @@ def _pieces(vector: jax.Array, cuts: list[tuple[int, int]]) -> dict[int, jax.Arr
 def _materialized(v: jax.Array, after: jax.Array | None = None) -> jax.Array:
     """`v`, computed once into a buffer of its own, after `after`'s (if given) has been.
 
-    XLA fuses a cheap producer into each of its consumers: a schedule's formula over a block
-    would be recomputed for every element of every leaf that reads it, and the first call
-    compiles it into every leaf's kernel. A divide is an expensive op XLA does not duplicate,
-    so `v / 1` stays one small kernel per block; the 1 is `|v| * 0 + 1`, which XLA cannot
-    fold away (`x * 0` is not 0 for floats). Exact for finite `v`.
+    XLA copies a cheap producer into each of its consumers, and so inlines a schedule formula
+    made of cheap ops into the kernel of each leaf that reads it (the schedules' `INLINE`
+    helpers count on it). A formula with an expensive op (a divide, a power, a user's function)
+    it does not copy: it gets a kernel of its own anyway, and `v / 1` makes that one small
+    kernel per block; the 1 is `|v| * 0 + 1`, which XLA cannot fold away (`x * 0` is not 0 for
+    floats). Exact for finite `v`.
 
     Such kernels have no input in common but the step count; left independent, XLA:CPU's
     thunk executor hands them to its worker threads, and the step then waits for the threads
@@ -373,8 +374,11 @@ class MultSpec:
     def multipliers(self, values: list[Any], t: jax.Array, rate: Any = 1.0) -> list[Any]:
         """Each position's multiplier at step `t` times `rate`, flat (`slot.size` entries).
 
-        Each kind of schedule is evaluated once per block, over all its columns, and multiplied
-        by the block's constants as one vector op; each vector a position reads is cut once.
+        Each kind of schedule is evaluated over a block's columns as one vector op, times the
+        block's constants, and each vector a position reads is cut once. An `INLINE` helper's
+        formula is left for XLA to inline into the kernels of the leaves reading it (no kernel
+        of its own); any other (a power, a user's function) is computed once into a buffer of
+        its own (`_materialized`).
 
         Args:
           values: the blocks, as the state holds them.
@@ -398,8 +402,10 @@ class MultSpec:
                 if slot.numbers:
                     block = values[slot.block]
                     numbers = [_row(block, slot.row + i) for i in range(slot.numbers)]
-                    values_now = vectors[key] * slot.kind.formula(t, numbers)
-                    vectors[key] = last = _materialized(values_now, last)
+                    v = vectors[key] * slot.kind.formula(t, numbers)
+                    if not slot.kind.INLINE:
+                        v = last = _materialized(v, last)
+                    vectors[key] = v
             cuts.setdefault(key, []).append((slot.start, slot.size))
         pieces = {key: _pieces(vectors[key], cut) for key, cut in cuts.items()}
         out = []

@@ -226,7 +226,8 @@ def test_multipliers_are_float32_blocks_and_updates_keep_dtype():
 
 def test_schedule_numbers_share_their_block_and_cost_no_buffer(compiles):
     # Three leaves in one block: a constant, a linear warmup and a cosine. The warmup's four
-    # numbers and the cosine's five sit in rows below the constants, in the leaves' own columns.
+    # numbers and one reciprocal, the cosine's five and two, sit in rows below the constants,
+    # in the leaves' own columns.
     params = {"a": jnp.ones(2), "b": jnp.ones(2), "c": jnp.ones(2)}
     pd = ParamDict.from_pytree(params)
     pd["a"].lr_mult = 0.5
@@ -236,7 +237,7 @@ def test_schedule_numbers_share_their_block_and_cost_no_buffer(compiles):
     state = tx.init(params)
     (mults,) = [m for _, m in find(state, MultState) if m.spec.attr == "lr_mult"]
     (block,) = mults.values
-    assert block.shape == (1 + 4 + 5, lrmult.transforms.BLOCK)
+    assert block.shape == (1 + (4 + 1) + (5 + 2), lrmult.transforms.BLOCK)
     assert np.asarray(block)[0, :3].tolist() == [0.5, 1.0, 1.0]  # constants; helpers scale 1.0
     # SGD, lr 1, gradient 1: each step moves a leaf by its multiplier at that step.
     # b: 2 * min(1, t / 4); c: cos decay 0.5 * (1 + cos(pi * t / 10)).
