@@ -17,6 +17,7 @@ import datetime
 import gc
 import os
 import platform
+import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -113,10 +114,20 @@ class OptaxRunner:
         other.params, other.state = fresh(self.params), fresh(self.state)
         return other
 
+    def compiled(self) -> Any:
+        return self.fn.lower(self.params, self.state, *self.batch).compile()
+
     def input_buffers(self) -> int:
         """Inputs of the compiled step, read from `jit(...).lower(...).compile()`."""
-        compiled = self.fn.lower(self.params, self.state, *self.batch).compile()
-        return len(jax.tree.leaves(compiled.input_shardings))
+        return len(jax.tree.leaves(self.compiled().input_shardings))
+
+    def kernels(self) -> int:
+        """Ops the compiled step runs: its entry computation's instructions but parameters,
+        tuples, bitcasts and constants (on XLA:CPU, a kernel each)."""
+        text = self.compiled().as_text()
+        ops = re.findall(r"= (?:\([^=]*?\)|\S+) ([a-z-]+)\(", text[text.index("ENTRY") :])
+        free = {"parameter", "tuple", "get-tuple-element", "bitcast", "constant"}
+        return sum(op not in free for op in ops)
 
 
 class TrainerRunner:

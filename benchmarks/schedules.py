@@ -72,7 +72,13 @@ def run(quick: bool) -> h.Report:
         rows.append(row)
     header = ["variant", "against", "step", "step med", "step min", "first call med", "… min"]
     note = f"{leaves} leaves, {rounds} step-timing rounds, {first_rounds} first-call round(s)."
-    return h.Report(__doc__, [note, h.table(header, rows)])
+    kernels = {k: runners[k].kernels() for k in ("chain constant", "chain warmup")}
+    counted = (
+        "Kernels of the compiled step (`harness.OptaxRunner.kernels`): "
+        + ", ".join(f"{k} {n}" for k, n in kernels.items())
+        + "."
+    )
+    return h.Report(__doc__, [note, h.table(header, rows), counted])
 
 
 if __name__ == "__main__":
