@@ -202,7 +202,6 @@ class _Step(Schedule):
 class _SlantedTriangular(Schedule):
     NUMBERS = ("peak", "total", "cut_frac", "ratio", "start")
     STEPS = ("total", "cut_frac", "ratio", "start")
-
     INLINE = True
 
     @staticmethod
