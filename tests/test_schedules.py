@@ -114,6 +114,25 @@ def test_helpers_by_hand():
     assert float((schedules.linear_warmup(1.0, 4) * 3)(2)) == 1.5  # presets multiply schedules
 
 
+def test_helpers_reach_their_ends_exactly_though_they_multiply_by_reciprocals():
+    # The formulas multiply by 1/steps (a row of the state) instead of dividing; in float32,
+    # steps * fl(1/steps) is 1 - 2^-24 for 41, 47, 55, 61 and 83. The ends must still be exact:
+    # peak from the end of a warmup on, end after a cosine's decay, peak/ratio after a slanted
+    # triangle (the values a user compares with constants).
+    for steps in (41, 47, 55, 61, 83):
+        warm = schedules.linear_warmup(0.7, steps, start=2)
+        assert [float(warm(2 + steps + k)) for k in (0, 1, 5)] == [np.float32(0.7)] * 3
+        np.testing.assert_allclose(
+            [float(warm(2 + t)) for t in range(steps)], 0.7 * np.arange(steps) / steps, rtol=1e-6
+        )
+        cos = schedules.cosine(0.9, steps, warmup=steps, end=0.3)
+        assert float(cos(2 * steps)) == float(cos(3 * steps)) == np.float32(0.3)
+        assert float(cos(steps)) == np.float32(0.9)
+        stlr = schedules.slanted_triangular(1.0, 10 * steps, ratio=4.0)
+        assert float(stlr(10 * steps)) == float(stlr(20 * steps)) == 0.25
+        assert float(stlr(steps)) == 1.0  # the peak, at cut = floor(0.1 * total)
+
+
 def test_changing_a_helpers_numbers_never_recompiles(compiles):
     pd = lrmult.ParamDict.from_pytree({"a": jnp.ones(2), "b": jnp.ones(2)})
     pd["a"].lr_mult = schedules.linear_warmup(1.0, 4)
