@@ -364,7 +364,7 @@ def parts(value: Any, shape: tuple[int, ...]) -> tuple[np.ndarray, Any, np.ndarr
 
     Returns:
       `constant`: float32 array of `shape`; `kind`: None (a constant), a `Schedule` subclass, or
-      the user's function (static); `numbers`: a `Schedule`'s numbers `(len(NUMBERS), *shape)`.
+      the user's function (static); `numbers`: a `Schedule`'s rows (`stacked`).
     """
     if isinstance(value, Schedule):
         return np.ones(shape, np.float32), type(value), value.stacked(shape)

@@ -124,7 +124,7 @@ class Slot(NamedTuple):
       rows: the group's rows (of `total`), or None for a whole leaf.
       total: the number of layers of the group's leaf (0 for a whole leaf).
       kind: None (a constant), a `schedules.Schedule` subclass, or a user's schedule function.
-      numbers: how many numbers the kind keeps in the block (0: none).
+      numbers: how many rows the kind keeps in the block (its numbers and derived rows; 0: none).
       row: the first of the block's rows holding them.
     """
 
