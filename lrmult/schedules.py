@@ -132,8 +132,8 @@ def _clip01(x: Any) -> Any:
 
 
 def _inverse(x: np.ndarray) -> np.ndarray:
-    """`1 / max(x, 1)` in float32 (a step count's reciprocal, for formulas without a divide)."""
-    return np.float32(1.0) / np.maximum(x, np.float32(1.0))
+    """`1 / x` in float32, 0 where `x` is 0 (formulas treat a count of 0 apart)."""
+    return np.divide(np.float32(1.0), x, out=np.zeros_like(x), where=x > 0)
 
 
 class _Constant(Schedule):
@@ -175,7 +175,7 @@ class _Cosine(Schedule):
     def formula(t, n):
         peak, end, warmup, decay, start, inv_warmup, inv_decay = n
         s = t - start
-        up = jnp.where(s >= warmup, 1.0, s * inv_warmup)
+        up = s * inv_warmup  # read only where s < warmup
         d = s - warmup
         frac = jnp.where(d >= decay, 1.0, _clip01(d * inv_decay))
         down = end + (peak - end) * 0.5 * (1.0 + jnp.cos(jnp.pi * frac))
@@ -206,17 +206,21 @@ class _SlantedTriangular(Schedule):
 
     @staticmethod
     def derived(peak, total, cut_frac, ratio, start):
-        cut = np.maximum(np.floor(total * cut_frac), np.float32(1.0))
-        down = np.maximum(cut * (np.float32(1.0) / cut_frac - np.float32(1.0)), np.float32(1.0))
-        return [cut, down, np.float32(1.0) / cut, np.float32(1.0) / down, np.float32(1.0) / ratio]
+        one = np.float32(1.0)
+        with np.errstate(divide="ignore", over="ignore"):  # a cut_frac that is 0 in float32
+            cut = np.maximum(np.floor(total * cut_frac), one)
+            down = np.maximum(cut * (one / cut_frac - one), one)
+            return [cut, down, one / cut, one / down, one / ratio, peak / ratio]
 
     @staticmethod
     def formula(t, n):
-        peak, total, cut_frac, ratio, start, cut, down, inv_cut, inv_down, inv_ratio = n
+        peak, total, cut_frac, ratio, start, cut, down, inv_cut, inv_down, inv_ratio, low = n
         s = jnp.maximum(t - start, 0.0)
         d = s - cut
         p = jnp.where(s < cut, s * inv_cut, jnp.where(d >= down, 0.0, 1.0 - d * inv_down))
-        return peak * (1.0 + _clip01(p) * (ratio - 1.0)) * inv_ratio
+        value = peak * (1.0 + p * (ratio - 1.0)) * inv_ratio
+        # exactly peak / ratio at the bottom and peak at the top
+        return jnp.where(p <= 0.0, low, jnp.where(p >= 1.0, peak, value))
 
 
 _NAMES = {

@@ -114,7 +114,8 @@ class Slot(NamedTuple):
     `start`. A `schedules.Schedule` kind's numbers sit in the same block, in the same columns,
     as rows `row .. row + numbers` of it: a block holding schedules is 2-D, `(1 + rows, width)`,
     its row 0 the constants, so a schedule costs no buffer of its own (each buffer costs a step
-    time), and each kind is evaluated once per step for the whole block, as one vector.
+    time). Each kind is evaluated over the block as one vector op: an `INLINE` helper's inside
+    the kernel of each leaf that reads it, any other once per step into a buffer of its own.
 
     Attributes:
       block: which block.

@@ -115,22 +115,41 @@ def test_helpers_by_hand():
 
 
 def test_helpers_reach_their_ends_exactly_though_they_multiply_by_reciprocals():
-    # The formulas multiply by 1/steps (a row of the state) instead of dividing; in float32,
-    # steps * fl(1/steps) is 1 - 2^-24 for 41, 47, 55, 61 and 83. The ends must still be exact:
-    # peak from the end of a warmup on, end after a cosine's decay, peak/ratio after a slanted
-    # triangle (the values a user compares with constants).
-    for steps in (41, 47, 55, 61, 83):
-        warm = schedules.linear_warmup(0.7, steps, start=2)
-        assert [float(warm(2 + steps + k)) for k in (0, 1, 5)] == [np.float32(0.7)] * 3
+    # The formulas multiply by 1/n (rows of the state) instead of dividing by n; in float32,
+    # n * fl(1/n) is 1 - 2^-24 for n = 41, 47, 55, 61 and 83. The ends must still be exact, on
+    # the host and compiled: peak from the end of a warmup on, end after a cosine's decay, and
+    # a slanted triangle's fl(peak / ratio) at its bottom and peak at its top (the values a
+    # user compares with constants).
+    for n in (41, 47, 55, 61, 83):
+        warm = schedules.linear_warmup(0.7, n, start=2)
+        cos = schedules.cosine(0.9, n, warmup=n, end=0.3)
+        # cut = floor(2n * 0.5) = n, the way down max(n * (1 / 0.5 - 1), 1) = n
+        stlr = schedules.slanted_triangular(0.3, 2 * n, cut_frac=0.5, ratio=3.0)
+        low = np.float32(0.3) / np.float32(3.0)
+        for f in (
+            lambda sched, t: float(sched(t)),
+            lambda sched, t: float(jax.jit(lambda u: sched(u))(t)),
+        ):
+            assert [f(warm, 2 + n + k) for k in (0, 1, 5)] == [np.float32(0.7)] * 3
+            assert f(cos, 2 * n) == f(cos, 3 * n) == np.float32(0.3)
+            assert f(cos, n) == np.float32(0.9)
+            assert f(stlr, 0) == f(stlr, 2 * n) == f(stlr, 3 * n) == low
+            assert f(stlr, n) == np.float32(0.3)
         np.testing.assert_allclose(
-            [float(warm(2 + t)) for t in range(steps)], 0.7 * np.arange(steps) / steps, rtol=1e-6
+            [float(warm(2 + t)) for t in range(n)], 0.7 * np.arange(n) / n, rtol=1e-6
         )
-        cos = schedules.cosine(0.9, steps, warmup=steps, end=0.3)
-        assert float(cos(2 * steps)) == float(cos(3 * steps)) == np.float32(0.3)
-        assert float(cos(steps)) == np.float32(0.9)
-        stlr = schedules.slanted_triangular(1.0, 10 * steps, ratio=4.0)
-        assert float(stlr(10 * steps)) == float(stlr(20 * steps)) == 0.25
-        assert float(stlr(steps)) == 1.0  # the peak, at cut = floor(0.1 * total)
+        t = np.arange(2 * n)
+        p = np.where(t < n, t / n, 1 - (t - n) / n)
+        np.testing.assert_allclose([float(stlr(k)) for k in t], 0.3 * (1 + p * 2) / 3, rtol=1e-6)
+
+
+def test_fractional_step_counts_are_linear_too():
+    # A count below 1 is its own length, not 1: a warmup of 0.5 steps from start 0.5 reaches
+    # its peak at 1.0; a cosine's warmup of 0.5 steps is over at 0.5.
+    assert float(schedules.linear_warmup(1.0, 0.5, start=0.5)(1)) == 1.0
+    assert float(schedules.linear_warmup(1.0, 4.0, start=0.5)(1)) == 0.125
+    # half way down a decay of 1 step at 1.0: 3 * 0.5 * (1 + cos(pi / 2))
+    np.testing.assert_allclose(float(schedules.cosine(3.0, 1, warmup=0.5)(1)), 1.5, rtol=1e-6)
 
 
 def test_changing_a_helpers_numbers_never_recompiles(compiles):
@@ -182,7 +201,9 @@ def test_a_helpers_formula_adds_no_kernel_to_the_step():
     np.testing.assert_allclose(moves, [0 * i, (1.0 + i) / (2 + i)], rtol=1e-6)
     cos, moves = _kernels(lambda k: schedules.cosine(1.0 + k, 10, warmup=1))
     np.testing.assert_allclose(moves, [0 * i, 1.0 + i], rtol=1e-6)
-    stlr, _ = _kernels(lambda k: schedules.slanted_triangular(1.0 + k, 100 + k))
+    stlr, moves = _kernels(lambda k: schedules.slanted_triangular(1.0 + k, 100 + k))
+    cut = np.floor((100 + i) * np.float32(0.1))  # 10, or 11 from 110 steps on
+    np.testing.assert_allclose(moves, [(1.0 + i) / 32, (1.0 + i) * (1 + 31 / cut) / 32], rtol=1e-6)
     step, moves = _kernels(lambda k: schedules.step(1.0 + k, 1, gamma=0.5))
     np.testing.assert_allclose(moves, [1.0 + i, 0.5 * (1.0 + i)], rtol=1e-6)
     assert warm == cos == stlr == constants
