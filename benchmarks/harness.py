@@ -115,6 +115,7 @@ class OptaxRunner:
         return other
 
     def compiled(self) -> Any:
+        """The step compiled anew for the runner's current arguments (not the jit cache's)."""
         return self.fn.lower(self.params, self.state, *self.batch).compile()
 
     def input_buffers(self) -> int:
